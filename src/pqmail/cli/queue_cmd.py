@@ -1,0 +1,102 @@
+"""``pqmail queue``: list, count and flush the queue (qmail-qread, qmail-qstat, SIGALRM)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import click
+
+from pqmail.cli.common import root_option
+
+
+def _printable(s: str) -> str:
+    return "".join(c if c.isprintable() else "_" for c in s)
+
+
+def _age(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+@click.group(invoke_without_command=True)
+@root_option
+@click.pass_context
+def queue(ctx: click.Context, root) -> None:
+    """Inspect the queue (no subcommand: list it, like qmail-qread).
+
+    \b
+    For every message: the id, when it was queued (UTC) and its age, its size,
+    the envelope sender, and "bouncing" when a bounce is being collected. Then
+    one line per recipient: local or remote, "done" when delivered or bounced,
+    and for recipients still waiting the time of the next attempt. Messages
+    not yet preprocessed by pqmail send show their envelope recipients as
+    "todo".
+    """
+    ctx.obj = root
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(list_cmd)
+
+
+@queue.command("list")
+@click.pass_obj
+def list_cmd(root) -> None:
+    """List every message and recipient (the default)."""
+    from pqmail.queue.store import Queue
+
+    q = Queue(root.queue)
+    now = time.time()
+    count = 0
+    for m in q.iter_messages():
+        count += 1
+        when = time.strftime("%d %b %Y %H:%M:%S", time.gmtime(m.birth))
+        flag = " bouncing" if m.bouncing else ""
+        click.echo(f"{when} GMT  #{m.id}  {m.size}  <{_printable(m.sender)}>{flag}  "
+                   f"age {_age(now - m.birth)}")
+        for r in m.recipients:
+            state = "  done" if r.done else ""
+            nxt = ""
+            if not r.done and r.next_attempt:
+                nxt = "  next attempt " + ("now" if r.next_attempt <= now
+                                           else f"in {_age(r.next_attempt - now)}")
+            click.echo(f"{state}\t{r.channel}\t{_printable(r.address)}{nxt}")
+    if count == 0:
+        click.echo("queue is empty")
+
+
+@queue.command("stat")
+@click.pass_obj
+def stat_cmd(root) -> None:
+    """Count messages, like qmail-qstat."""
+    from pqmail.queue.store import Queue
+
+    q = Queue(root.queue)
+    total, todo = q.counts()
+    click.echo(f"messages in queue: {total}")
+    click.echo(f"messages in queue but not yet preprocessed: {todo}")
+
+
+@queue.command("flush")
+@click.pass_obj
+def flush_cmd(root) -> None:
+    """Ask pqmail send to retry every deferred message now (qmail's SIGALRM).
+
+    Writes "F" to queue/lock/trigger; exits 111 when no pqmail send is
+    listening.
+    """
+    from pqmail.errors import TemporaryFailure
+
+    path = root.queue / "lock" / "trigger"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise TemporaryFailure(f"{path}: pqmail send is not running ({e.strerror})") from None
+    try:
+        os.write(fd, b"F")
+    finally:
+        os.close(fd)
+    click.echo("pqmail send will retry every deferred message now")

@@ -1,0 +1,110 @@
+"""Assemble the services of ``pqmail serve``: check the configuration, bind, and supervise.
+
+Binding happens here, in the supervisor, before any fork: as root that is the only moment ports
+below 1024 can be had, and it lets every smtpd worker share (or, with SO_REUSEPORT, split) the
+listeners. Services are plain functions run in forked children (pqmail.supervisor).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from pqmail.config.control import load_control
+from pqmail.errors import UsageError
+from pqmail.paths import Root
+from pqmail.supervisor import Service, Supervisor, bind_listener, mail_user_ids, parse_hostport
+
+
+@dataclass
+class ServeOptions:
+    smtp: list[str]
+    submission: list[str]
+    smtps: list[str]
+    explicit_smtps: bool
+    workers: int
+    pidfile: str | None
+
+
+@dataclass
+class Listener:
+    """A bound socket and what it serves: ``smtp``, ``submission`` (AUTH required) or ``smtps``."""
+
+    kind: str
+    sock: socket.socket
+    address: str
+
+
+def check_config(root: Root, opts: ServeOptions) -> list[str]:
+    """Problems that stop pqmail serve from working; empty when the configuration is usable."""
+    problems: list[str] = []
+    if not root.control.is_dir():
+        return [f"{root.control}: missing; create the tree with pqmail init"]
+    try:
+        control = load_control(root)
+    except Exception as e:  # ConfigError and friends: report, never a traceback
+        return [str(e)]
+    if control.rcpthosts is None:
+        problems.append(f"{root.control_file('rcpthosts')}: missing; pqmail would accept mail for no "
+                        "domain (qmail would be an open relay)")
+    if not root.queue.is_dir():
+        problems.append(f"{root.queue}: missing; create the tree with pqmail init")
+    if os.geteuid() == 0:
+        try:
+            mail_user_ids(root.control)
+        except UsageError as e:
+            problems.append(str(e))
+    for spec in opts.smtp + opts.submission + opts.smtps:
+        try:
+            parse_hostport(spec)
+        except UsageError as e:
+            problems.append(str(e))
+    cert = root.control_file("servercert.pem")
+    if opts.explicit_smtps and not cert.exists():
+        problems.append(f"{cert}: missing; the implicit-TLS listener (--smtps) needs it")
+    return problems
+
+
+def run_serve(root: Root, opts: ServeOptions, check_only: bool = False) -> int:
+    problems = check_config(root, opts)
+    if check_only:
+        for p in problems:
+            print(p)
+        if not problems:
+            print("pqmail serve: configuration ok")
+        return 100 if problems else 0
+    if problems:
+        raise UsageError("; ".join(problems))
+    if not root.control_file("servercert.pem").exists() and not opts.explicit_smtps:
+        opts.smtps = []  # no certificate: no implicit-TLS listener unless asked for explicitly
+    drop = mail_user_ids(root.control) if os.geteuid() == 0 else None
+    listeners = _bind(opts)
+    services = [Service("send", lambda: _run_send(root), drop_to=None)]
+    if listeners:
+        from pqmail.smtp.server import serve_listeners
+
+        for n in range(opts.workers):
+            services.append(Service(
+                f"smtpd-{n}", lambda: serve_listeners(root, [(li.kind, li.sock) for li in listeners]),
+                drop_to=drop))
+    for li in listeners:
+        print(f"pqmail serve: {li.kind} listening on {li.address}", flush=True)
+    pidfile = Path(opts.pidfile) if opts.pidfile else root.path / "serve.pid"
+    return Supervisor(services, pidfile=pidfile).run()
+
+
+def _bind(opts: ServeOptions) -> list[Listener]:
+    out: list[Listener] = []
+    for kind, specs in (("smtp", opts.smtp), ("submission", opts.submission), ("smtps", opts.smtps)):
+        for spec in specs:
+            host, port = parse_hostport(spec)
+            out.append(Listener(kind, bind_listener(host, port), f"{host}:{port}"))
+    return out
+
+
+def _run_send(root: Root) -> None:
+    from pqmail.queue.manager import Manager
+
+    raise SystemExit(Manager(root).run())

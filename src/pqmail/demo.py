@@ -1,4 +1,4 @@
-"""``make run``: create (once) the demo tree with the seed configuration, then show it or serve it.
+"""``make run``: create (once) the demo tree with the seed configuration, show it, then serve it.
 
 The tree is built with the provisioning commands alone, exactly as an administrator would:
 example.com for customer ex1, boxes ex1-0000..ex1-0002, joe@example.com -> ex1-0001, postmaster and
@@ -91,14 +91,28 @@ def show(top: Path) -> None:
     for f in sorted((joe / "new").iterdir()) if (joe / "new").is_dir() else []:
         print(f"   {f.name}")
     print("\nTry:  PQMAIL_ROOT=" + str(root) + " .venv/bin/pqmail route joe@example.com")
-    print("      echo 'Subject: hi' | PQMAIL_ROOT=" + str(root)
-          + " .venv/bin/pqmail inject joe@example.com && .venv/bin/pqmail send --drain --root " + str(root))
+
+
+def how_to_send(top: Path, smtp: str) -> None:
+    host, port = smtp.rsplit(":", 1)
+    joe = top / "popmail" / "e" / "ex1" / "POP" / "ex1-0001" / "new"
+    print(f"""
+== pqmail serve is starting: SMTP on {smtp}, submission on {host}:{int(port) + 62}
+Send a message to joe@example.com, in another terminal:
+  swaks --server {host} --port {port} --from you@remote.test --to joe@example.com
+or with Python:
+  python3 -c "import smtplib; s = smtplib.SMTP('{host}', {port}); \\
+    s.sendmail('you@remote.test', ['joe@example.com'], 'Subject: hi\\n\\nhello\\n'); s.quit()"
+It lands in {joe}/
+Stop with Ctrl-C (SIGTERM/SIGINT: sessions in flight finish first).""", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dir", default="var/demo", help="where the demo lives (default var/demo)")
     ap.add_argument("--reset", action="store_true", help="delete and recreate the demo tree")
+    ap.add_argument("--smtp", default="127.0.0.1:2525", help="SMTP listener (default 127.0.0.1:2525)")
+    ap.add_argument("--no-serve", action="store_true", help="set up and show the tree, then exit")
     a = ap.parse_args()
     top = Path(a.dir).resolve()
     if a.reset and top.exists():
@@ -107,6 +121,12 @@ def main() -> None:
         print(f"demo: creating the demo tree in {top}")
         setup(top)
     show(top)
+    if a.no_serve:
+        return
+    how_to_send(top, a.smtp)
+    host, port = a.smtp.rsplit(":", 1)
+    os.execv(sys.executable, [*PQMAIL, "serve", "--root", str(top / "root"), "--smtp", a.smtp,
+                              "--submission", f"{host}:{int(port) + 62}", "--workers", "2"])
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "inject": ("pqmail.cli.inject_cmd", "inject", "Queue a message read from stdin (qmail-inject)."),
     "send": ("pqmail.cli.send_cmd", "send", "Run the queue manager (qmail-send)."),
     "queue": ("pqmail.cli.queue_cmd", "queue", "Inspect the queue, count it, or retry now."),
+    "smtpd": ("pqmail.cli.smtpd_cmd", "smtpd", "Run the SMTP server alone (qmail-smtpd)."),
+    "serve": ("pqmail.cli.serve_cmd", "serve", "Run every service under one supervisor."),
 }
 
 

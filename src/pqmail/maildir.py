@@ -1,0 +1,263 @@
+"""Maildir: create one (maildirmake), deliver into one, list what is in one.
+
+Delivery follows maildir(5) and qmail-local's ``maildir_child`` (qmail-semantics.md §3.9, §9): create
+``tmp/<unique>`` exclusively (mode 0600), write, fsync, close, ``link()`` it to ``new/<unique>`` (the
+moment the message counts as delivered), unlink the tmp name, then fsync ``new/`` as pqmail's
+durability contract demands (qmail itself does not). Every failure is a :class:`TemporaryFailure`
+worded as qmail-local words it, and leaves no tmp file behind.
+
+Unique names are the modern form ``<time>.M<usec>P<pid>Q<n>.<host>``: the per-process counter ``Q``
+makes two deliveries by one process in one microsecond differ, the pid separates processes, and the
+host (with ``/`` and ``:`` escaped as ``\\057`` and ``\\072``) separates machines sharing a Maildir over NFS.
+
+What it trusts: the path it is given is the Maildir the caller (the assign entry and dot-qmail line)
+chose. What it never does: follow a name out of the Maildir, parse message names it did not write
+(readers must not), or lock anything (Maildir needs no locks).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pqmail.errors import TemporaryFailure, UsageError
+
+__all__ = [
+    "MaildirMessage",
+    "deliver",
+    "escape_host",
+    "is_maildir",
+    "maildirmake",
+    "scan",
+    "unique_name",
+]
+
+SUBDIRS = ("tmp", "new", "cur")
+
+_O_CREATE = os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)
+_O_DIR = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+_CREATE_TRIES = 3  # as qmail-local; a collision means another writer used our exact name
+
+
+# ----------------------------------------------------------------------------- unique names
+
+def escape_host(host: str) -> str:
+    """A host name fit for a Maildir file name: ``/`` -> ``\\057``, ``:`` -> ``\\072`` (maildir(5))."""
+    return host.replace("/", "\\057").replace(":", "\\072")
+
+
+_counter = itertools.count(1)
+_counter_lock = threading.Lock()
+_host_cache: tuple[str, str] | None = None  # (raw gethostname(), escaped)
+
+
+def _local_host() -> str:
+    # gethostname() costs a syscall; re-escape only when the host was renamed.
+    global _host_cache
+    raw = socket.gethostname()
+    cached = _host_cache
+    if cached is None or cached[0] != raw:
+        cached = (raw, escape_host(raw))
+        _host_cache = cached
+    return cached[1]
+
+
+def unique_name(hostname: str | None = None) -> str:
+    """``<time>.M<usec>P<pid>Q<n>.<host>``: unique per delivery across threads, processes and hosts."""
+    with _counter_lock:
+        n = next(_counter)
+    sec, nsec = divmod(time.time_ns(), 1_000_000_000)
+    host = _local_host() if hostname is None else escape_host(hostname)
+    return f"{sec}.M{nsec // 1000}P{os.getpid()}Q{n}.{host}"
+
+
+# ----------------------------------------------------------------------------- maildirmake
+
+def maildirmake(path: str | os.PathLike[str], uid: int | None = None, gid: int | None = None,
+                mode: int = 0o700) -> Path:
+    """maildirmake: ``path`` (``mode``) with ``tmp``, ``new``, ``cur`` (0700); chown all to uid/gid if given.
+
+    Raises UsageError if ``path`` already exists (as maildirmake refuses to), OSError on a system error
+    (a missing parent, permissions); on any failure nothing it created is left behind.
+    """
+    top = Path(path)
+    try:
+        os.mkdir(top, 0o700)
+    except FileExistsError:
+        raise UsageError(f"{top}: already exists") from None
+    made = [top]
+    try:
+        os.chmod(top, mode)  # mkdir's mode is cut by the umask; qmail's is exact
+        for sub in SUBDIRS:
+            p = top / sub
+            os.mkdir(p, 0o700)
+            made.append(p)
+            os.chmod(p, 0o700)
+        if uid is not None or gid is not None:
+            for p in made:
+                os.chown(p, -1 if uid is None else uid, -1 if gid is None else gid)
+        for d in (top, top.parent):  # the new entries must survive a crash like any provisioning step
+            _fsync_dir(os.fspath(d))
+    except BaseException:
+        for p in reversed(made):
+            try:
+                os.rmdir(p)
+            except OSError:
+                pass
+        raise
+    return top
+
+
+def is_maildir(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` has the three Maildir subdirectories ``tmp``, ``new`` and ``cur``."""
+    base = os.fspath(path)
+    return all(os.path.isdir(os.path.join(base, sub)) for sub in SUBDIRS)
+
+
+# ----------------------------------------------------------------------------- delivery
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, _O_DIR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    n = os.write(fd, data)
+    if n < len(data):  # short writes are rare (signals, pipes); loop only then
+        view = memoryview(data)[n:]
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def _open_failure(maildir: str, err: OSError) -> TemporaryFailure:
+    # Only on the error path: tell "no such maildir" (qmail: chdir failed, #4.2.1) from the rest.
+    if not os.path.isdir(maildir) or not os.access(maildir, os.X_OK):
+        return TemporaryFailure("Unable to chdir to maildir. (#4.2.1)")
+    return TemporaryFailure(f"Unable to open tmp file in maildir: {err.strerror or err}. (#4.3.0)")
+
+
+def _create_tmp(maildir: str) -> tuple[int, str, str]:
+    """Exclusive create of ``tmp/<unique>``; returns (fd, name, tmp path)."""
+    for attempt in range(_CREATE_TRIES):
+        name = unique_name()
+        tmp = f"{maildir}/tmp/{name}"
+        try:
+            return os.open(tmp, _O_CREATE, 0o600), name, tmp
+        except FileExistsError as e:
+            if attempt == _CREATE_TRIES - 1:
+                raise TemporaryFailure(f"Unable to open tmp file in maildir: {e.strerror}. (#4.3.0)") \
+                    from None
+        except OSError as e:
+            raise _open_failure(maildir, e) from None
+    raise AssertionError("unreachable")
+
+
+def _write_message(fd: int, chunks: Iterable[bytes]) -> None:
+    """Write every chunk to fd, fsync it; OSError from the source is told apart from a write error."""
+    it = iter(chunks)
+    while True:
+        try:
+            chunk = next(it)
+        except StopIteration:
+            break
+        except OSError:
+            raise TemporaryFailure("Unable to read message. (#4.3.0)") from None
+        try:
+            _write_all(fd, chunk)
+        except OSError as e:
+            raise TemporaryFailure(f"Unable to write to maildir: {e.strerror or e}. (#4.3.0)") from None
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise TemporaryFailure(f"Unable to write to maildir: {e.strerror or e}. (#4.3.0)") from None
+
+
+def deliver(maildir: str | os.PathLike[str], chunks: Iterable[bytes]) -> str:
+    """Deliver the concatenation of ``chunks`` into ``maildir``; return the new file's name.
+
+    When this returns, the message is in ``new/``, fsync'd, and ``new/`` is fsync'd. Any failure raises
+    TemporaryFailure (qmail-local's wording and #4.x.x code) and removes the tmp file.
+    """
+    md = os.fspath(maildir)
+    fd, name, tmp = _create_tmp(md)
+    new = f"{md}/new/{name}"
+    try:
+        try:
+            _write_message(fd, chunks)
+        finally:
+            try:
+                os.close(fd)
+            except OSError as e:  # NFS reports write errors at close
+                raise TemporaryFailure(f"Unable to write to maildir: {e.strerror or e}. (#4.3.0)") from None
+        try:
+            os.link(tmp, new)
+        except OSError as e:
+            raise TemporaryFailure(f"Unable to link tmp file into new: {e.strerror or e}. (#4.3.0)") from None
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    # Delivered. A tmp name left behind is harmless: readers remove stale tmp files (maildir(5)).
+    _unlink_quietly(tmp)
+    try:
+        _fsync_dir(f"{md}/new")
+    except OSError as e:
+        # Not known to be durable: withdraw it so that the queue's retry neither loses nor duplicates it.
+        _unlink_quietly(new)
+        raise TemporaryFailure(f"Unable to sync maildir new: {e.strerror or e}. (#4.3.0)") from None
+    return name
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------- reading
+
+@dataclass(frozen=True)
+class MaildirMessage:
+    """One message file in ``new/`` or ``cur/``."""
+
+    path: Path
+    name: str
+    uniq: str  # the name up to the first ':' (the info suffix is not part of the identity)
+    size: int
+    mtime: float
+    in_new: bool
+
+
+def scan(path: str | os.PathLike[str]) -> list[MaildirMessage]:
+    """Messages in ``new/`` and ``cur/`` (dot-files skipped), oldest first by mtime, then by name.
+
+    A file that disappears while being listed (a concurrent reader moved or deleted it) is skipped.
+    """
+    base = Path(path)
+    out: list[MaildirMessage] = []
+    for sub, in_new in (("new", True), ("cur", False)):
+        d = base / sub
+        with os.scandir(d) as it:
+            for entry in it:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                out.append(MaildirMessage(path=d / entry.name, name=entry.name,
+                                          uniq=entry.name.split(":", 1)[0], size=st.st_size,
+                                          mtime=st.st_mtime, in_new=in_new))
+    out.sort(key=lambda m: (m.mtime, m.name))
+    return out

@@ -14,6 +14,12 @@ def _printable(s: str) -> str:
     return "".join(c if c.isprintable() else "_" for c in s)
 
 
+def _pick_root(group_root, sub_root: str | None):
+    from pqmail.paths import Root
+
+    return Root(sub_root) if sub_root else group_root
+
+
 def _age(seconds: float) -> str:
     seconds = int(max(0, seconds))
     if seconds < 3600:
@@ -43,9 +49,12 @@ def queue(ctx: click.Context, root) -> None:
 
 
 @queue.command("list")
+@click.option("--root", "sub_root", metavar="DIR", default=None,
+              help="The pqmail root (also accepted before the subcommand).")
 @click.pass_obj
-def list_cmd(root) -> None:
+def list_cmd(root, sub_root: str | None = None) -> None:
     """List every message and recipient (the default)."""
+    root = _pick_root(root, sub_root)
     from pqmail.queue.store import Queue
 
     q = Queue(root.queue)
@@ -69,9 +78,12 @@ def list_cmd(root) -> None:
 
 
 @queue.command("stat")
+@click.option("--root", "sub_root", metavar="DIR", default=None,
+              help="The pqmail root (also accepted before the subcommand).")
 @click.pass_obj
-def stat_cmd(root) -> None:
+def stat_cmd(root, sub_root: str | None = None) -> None:
     """Count messages, like qmail-qstat."""
+    root = _pick_root(root, sub_root)
     from pqmail.queue.store import Queue
 
     q = Queue(root.queue)
@@ -81,13 +93,16 @@ def stat_cmd(root) -> None:
 
 
 @queue.command("flush")
+@click.option("--root", "sub_root", metavar="DIR", default=None,
+              help="The pqmail root (also accepted before the subcommand).")
 @click.pass_obj
-def flush_cmd(root) -> None:
+def flush_cmd(root, sub_root: str | None = None) -> None:
     """Ask pqmail send to retry every deferred message now (qmail's SIGALRM).
 
     Writes "F" to queue/lock/trigger; exits 111 when no pqmail send is
     listening.
     """
+    root = _pick_root(root, sub_root)
     from pqmail.errors import TemporaryFailure
 
     path = root.queue / "lock" / "trigger"

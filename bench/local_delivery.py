@@ -48,7 +48,7 @@ def main() -> None:
     root, base = top / "root", top / "popmail"
     base.mkdir()
     owner = "nobody" if os.geteuid() == 0 else getpass.getuser()
-    sh("init", "--root", str(root), "--me", "bench.test", "--owner", owner)
+    sh("init", "--root", str(root), "--me", "mx.bench.test", "--owner", owner)
     sh("domain", "add", "bench.test", "--handle", "bn1", "--base", str(base), "--root", str(root))
     (root / "control" / "concurrencylocal").write_text(f"{a.concurrency}\n")
     home = base / "b" / "bn1" / "DOMAINS" / "bench.test"

@@ -79,7 +79,9 @@ def run(command: click.Command, argv: list[str] | None, prog_name: str) -> None:
     from pqmail.errors import PqmailError
 
     try:
-        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+        rv = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+        if isinstance(rv, int) and rv:
+            sys.exit(rv)  # ctx.exit(n) returns n in non-standalone mode
     except click.exceptions.Abort:
         click.echo(f"{prog_name}: aborted", err=True)
         sys.exit(111)

@@ -1,0 +1,752 @@
+"""The durable on-disk queue under ``ROOT/queue``: qmail's layout, qmail-queue's write order.
+
+What it does: makes a message safe (:meth:`Queue.enqueue`), and gives the queue manager and the
+queue tools the few file operations they need (preprocessing, marking recipients done, bounce
+paragraphs, removal, clean-up after a crash). It holds no state worth keeping between calls: the
+files are the state.
+
+Layout (qmail-semantics.md §4.1; ``N`` = id mod 23; the id is the inode number of the mess file)::
+
+    pid/<pid>.<ns>.<seq>   a new message's first name, gone once it is linked into mess/
+    mess/N/<id>            "Received: (qmail <pid> invoked <who>); <date822>" + the message
+    intd/<id>, todo/<id>   one inode, two names: u<uid>\\0 p<pid>\\0 F<sender>\\0 T<rcpt>\\0 ...
+                           (todo/ is the commit point; both go once the message is preprocessed)
+    info/N/<id>            F<sender>\\0; its mtime is the message's birth
+    local/N/<id>           T<addr>\\0 per recipient after rewriting; T becomes D in place when done
+    remote/N/<id>          likewise; its mtime is used by the manager as the next retry time
+    bounce/<id>            permanent-failure paragraphs collected so far
+    lock/sendmutex         flock'd by the one queue manager
+    lock/trigger           FIFO: one byte wakes the manager (``F`` = retry everything now)
+
+Making a message safe (§4.2, plus what Linux needs): create ``pid/...`` O_EXCL and flock it; its
+inode is the id; link it to ``mess/N/id`` and unlink the pid name; write the Received line and the
+message; fsync it; fsync ``mess/N/``; write ``intd/id`` and fsync it; link it to ``todo/id`` (the
+commit point); fsync ``todo/``; only then return, after writing one byte to the trigger without
+blocking. A crash before the todo link leaves files that :meth:`Queue.cleanup_stale` removes and
+that are never delivered; after it, the message is whole and will be delivered.
+
+What it trusts: the files under ``queue/`` (only pqmail writes there). What it never does: return
+from enqueue before the message is committed and durable; mark a recipient done or drop a message
+file except when the manager asks; remove a file a writer still holds (see cleanup_stale).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from pqmail.errors import PermanentFailure, TemporaryFailure, UsageError
+from pqmail.queue.bounce import date822
+
+if TYPE_CHECKING:  # pathlib is imported only when used: inject's start-up time counts
+    from pathlib import Path
+
+SPLIT = 23  # qmail's conf-split
+MAX_ADDRESS = 1002  # qmail-queue's ADDR - 1: a longer address is its exit 11
+CHANNELS = ("local", "remote")
+STALE_PID_AGE = 300  # seconds: see cleanup_stale
+_BATCH = 1 << 16  # bytes gathered before one writev while copying a message
+_ENC = ("utf-8", "surrogateescape")  # addresses: 8-bit clean, UTF-8 when they are UTF-8
+
+_seq = itertools.count(1)  # with pid and time_ns, unique pid/ names across threads
+
+
+# ----------------------------------------------------------------------------- records
+# Immutable records are NamedTuples: a dataclass costs about 1 ms of start-up each.
+
+@dataclass
+class Record:
+    """One recipient line of a ``local`` or ``remote`` file: ``offset`` is where its T/D byte is.
+
+    Mutable on purpose: the manager flips ``done`` (and may set other attributes, e.g. ``uid``)
+    after a delivery.
+    """
+
+    address: str
+    offset: int
+    done: bool
+
+
+class Envelope(NamedTuple):
+    """A ``todo`` entry: who queued it (uid, pid) and the envelope as given to enqueue."""
+
+    sender: str
+    recipients: list[str]
+    pid: int | None
+    uid: int | None
+
+
+class QueuedRecipient(NamedTuple):
+    """One recipient as the queue tools show it; channel is ``local``, ``remote`` or ``todo``."""
+
+    channel: str
+    address: str
+    done: bool
+    next_attempt: float | None
+
+
+class QueuedMessage(NamedTuple):
+    """One committed message as the queue tools show it (qmail-qread's fields)."""
+
+    id: int
+    birth: float
+    size: int
+    sender: str
+    bouncing: bool
+    recipients: list[QueuedRecipient]
+
+
+# ----------------------------------------------------------------------------- pure helpers
+
+def received_line(pid: int, invoked: str, when: float | None = None) -> bytes:
+    """qmail-queue's first line: ``Received: (qmail <pid> invoked <who>); <date822>``."""
+    return f"Received: (qmail {pid} invoked {invoked}); {date822(when)}\n".encode(*_ENC)
+
+
+def encode_address(addr: str, what: str = "address") -> bytes:
+    """The address as stored, or PermanentFailure: NUL/LF, or longer than 1002 bytes (qmail's 11)."""
+    try:
+        raw = addr.encode(*_ENC)
+    except UnicodeEncodeError:
+        raise PermanentFailure(f"{what} is not valid text: {addr!r}") from None
+    if b"\0" in raw or b"\n" in raw:
+        raise PermanentFailure(f"{what} contains a NUL or line feed: {addr!r}")
+    if len(raw) > MAX_ADDRESS:
+        raise PermanentFailure(f"{what} is longer than {MAX_ADDRESS} bytes (#5.1.3)")
+    return raw
+
+
+def pack_envelope(uid: int, pid: int, sender: str, recipients: list[str]) -> bytes:
+    """The ``intd``/``todo`` bytes: ``u<uid>\\0p<pid>\\0F<sender>\\0`` then ``T<rcpt>\\0`` each."""
+    if not recipients:
+        raise PermanentFailure("no recipients")
+    parts = [b"u%d\0p%d\0F" % (uid, pid), encode_address(sender, "sender"), b"\0"]
+    for r in recipients:
+        parts += (b"T", encode_address(r, "recipient"), b"\0")
+    return b"".join(parts)
+
+
+def parse_envelope(data: bytes, where: str = "envelope") -> Envelope:
+    """Read a ``todo`` entry; a truncated or sender-less one is a TemporaryFailure naming ``where``."""
+    if not data.endswith(b"\0"):
+        raise TemporaryFailure(f"{where}: truncated envelope")
+    sender: str | None = None
+    rcpts: list[str] = []
+    pid = uid = None
+    for field in data[:-1].split(b"\0"):
+        kind, value = field[:1], field[1:]
+        if kind == b"T":
+            rcpts.append(value.decode(*_ENC))
+        elif kind == b"F":
+            sender = value.decode(*_ENC)
+        elif kind == b"u" and value.isdigit():
+            uid = int(value)
+        elif kind == b"p" and value.isdigit():
+            pid = int(value)
+    if sender is None:
+        raise TemporaryFailure(f"{where}: envelope without a sender")
+    return Envelope(sender=sender, recipients=rcpts, pid=pid, uid=uid)
+
+
+def parse_channel(data: bytes) -> list[Record]:
+    """The records of a ``local``/``remote`` file; a final record without its NUL is ignored."""
+    out: list[Record] = []
+    i = 0
+    n = len(data)
+    while i < n:
+        j = data.find(b"\0", i)
+        if j < 0:
+            break
+        kind = data[i:i + 1]
+        if kind in (b"T", b"D"):
+            out.append(Record(address=data[i + 1:j].decode(*_ENC), offset=i, done=kind == b"D"))
+        i = j + 1
+    return out
+
+
+# ----------------------------------------------------------------------------- low-level I/O
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _exists(path: str) -> bool:
+    try:
+        os.lstat(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _writev_all(fd: int, bufs: list[Any]) -> None:
+    """writev until everything is written (a regular file rarely writes short, but it may)."""
+    views = [memoryview(b).cast("B") for b in bufs if len(b)]
+    while views:
+        n = os.writev(fd, views[:1024])  # IOV_MAX
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+
+
+def _copy_fd(src: int, dst: int) -> None:
+    """Append the rest of ``src`` to ``dst``: sendfile (in the kernel), else read/write."""
+    try:
+        while os.sendfile(dst, src, None, 1 << 24):
+            pass
+        return
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    while block := os.read(src, 1 << 20):
+        _writev_all(dst, [block])
+
+
+def _write_message(fd: int, head: bytes, message: Any) -> None:
+    """Write ``head`` then the message: bytes, or an iterable of bytes / PathLike / readable /
+    iterables of bytes (written as they come: that is how a slow stdin is streamed)."""
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        _writev_all(fd, [head, message])
+        return
+    if isinstance(message, (str, os.PathLike)) or hasattr(message, "read"):
+        message = [message]
+    pending: list[Any] = [head]
+    size = len(head)
+
+    def flush() -> None:
+        nonlocal pending, size
+        _writev_all(fd, pending)
+        pending, size = [], 0
+
+    for chunk in message:
+        if isinstance(chunk, (bytes, bytearray, memoryview)):
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= _BATCH:
+                flush()
+            continue
+        flush()
+        if isinstance(chunk, os.PathLike):
+            src = os.open(chunk, os.O_RDONLY)
+            try:
+                _copy_fd(src, fd)
+            finally:
+                os.close(src)
+        elif hasattr(chunk, "read"):
+            while block := chunk.read(1 << 16):
+                _writev_all(fd, [block])
+        elif isinstance(chunk, str):
+            raise TypeError("message chunks are bytes, a Path, a binary file or an iterable of bytes")
+        else:
+            for block in chunk:
+                _writev_all(fd, [block])
+    flush()
+
+
+def _write_synced(path: str, data: bytes, flags: int = os.O_TRUNC) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
+    try:
+        _writev_all(fd, [data])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _ids(path: str) -> list[int]:
+    try:
+        return [int(n) for n in os.listdir(path) if n.isdigit()]
+    except FileNotFoundError:
+        return []
+
+
+# ----------------------------------------------------------------------------- the queue
+
+class Queue:
+    """One queue directory (``ROOT/queue``). Safe to share between threads and processes."""
+
+    def __init__(self, path: str | os.PathLike[str], max_threads: int = 32) -> None:
+        self._dir = os.fspath(path)
+        self._max_threads = max_threads
+        self._pool: Any = None  # made on first use, by the event loop's thread (no lock needed)
+        self._dirty: dict[int, set[str]] = {}  # mid -> channel dirs to fsync at finish_preprocess
+
+    # -- names
+
+    def _split(self, sub: str, mid: int) -> str:
+        return f"{self._dir}/{sub}/{mid % SPLIT}/{mid}"
+
+    def _flat(self, sub: str, mid: int) -> str:
+        return f"{self._dir}/{sub}/{mid}"
+
+    @property
+    def path(self) -> Path:
+        from pathlib import Path
+
+        return Path(self._dir)
+
+    def message_path(self, mid: int) -> Path:
+        """``mess/N/id``: the message as queued (Received line first)."""
+        from pathlib import Path
+
+        return Path(self._split("mess", mid))
+
+    # -- injection
+
+    def enqueue(self, sender: str, recipients: list[str], message: Any,
+                invoked: str | None = None) -> int:
+        """Make a message safe and return its id; return only once it is committed and durable.
+
+        ``message``: bytes, or an iterable of chunks, each bytes, a Path (its contents are copied),
+        a binary file (read to EOF) or an iterable of bytes (written as it comes). ``invoked`` is
+        qmail-queue's ``<who>``: ``by uid <n>`` (default: ours), ``from network``, ``for bounce``.
+        Raises PermanentFailure for a bad envelope (no recipients; NUL/LF; over 1002 bytes),
+        TemporaryFailure when the queue cannot take it (permissions, disk full, I/O error).
+        """
+        pid = os.getpid()
+        envelope = pack_envelope(os.getuid(), pid, sender, list(recipients))
+        if invoked is None:
+            invoked = f"by uid {os.getuid()}"
+        head = received_line(pid, invoked)
+        try:
+            mid = self._commit(pid, head, message, envelope)
+        except OSError as e:
+            raise TemporaryFailure(
+                f"unable to queue the message in {self._dir}: {e.strerror or e}") from None
+        self._trigger(b"\n")
+        return mid
+
+    async def enqueue_async(self, sender: str, recipients: list[str], message: Any,
+                            invoked: str | None = None) -> int:
+        """:meth:`enqueue` in this queue's thread pool, so concurrent sessions' fsyncs overlap."""
+        import asyncio
+        import functools
+
+        loop = asyncio.get_running_loop()
+        call = functools.partial(self.enqueue, sender, recipients, message, invoked)
+        return await loop.run_in_executor(self._executor(), call)
+
+    def _executor(self) -> Any:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self._max_threads, thread_name_prefix="enqueue")
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the enqueue_async thread pool (waiting for enqueues in progress)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _commit(self, pid: int, head: bytes, message: Any, envelope: bytes) -> int:
+        fd, pidname = self._create_pid_file(pid)
+        mess = intd = None  # set once the name is ours, so that a failure removes only ours
+        committed = False
+        try:
+            # The lock is held until after the commit: cleanup_stale never removes a locked file.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            mid = os.fstat(fd).st_ino
+            os.link(pidname, self._split("mess", mid))
+            mess = self._split("mess", mid)
+            os.unlink(pidname)
+            pidname = None
+            _write_message(fd, head, message)
+            os.fsync(fd)
+            _fsync_dir(f"{self._dir}/mess/{mid % SPLIT}")
+            intd = self._flat("intd", mid)
+            self._write_intd(intd, envelope)
+            todo = self._flat("todo", mid)
+            try:
+                os.link(intd, todo)
+            except FileExistsError:
+                # Our inode is new, so a todo entry with its number belongs to no message.
+                os.unlink(todo)
+                os.link(intd, todo)
+            committed = True
+            _fsync_dir(f"{self._dir}/todo")
+            return mid
+        except BaseException:
+            if not committed:  # never committed: nothing may keep these names
+                for name in (pidname, intd, mess):
+                    if name is not None:
+                        try:
+                            os.unlink(name)
+                        except OSError:
+                            pass
+            raise
+        finally:
+            os.close(fd)
+
+    def _create_pid_file(self, pid: int) -> tuple[int, str]:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        for _ in range(9):
+            name = f"{self._dir}/pid/{pid}.{time.time_ns()}.{next(_seq)}"
+            try:
+                return os.open(name, flags, 0o640), name
+            except FileExistsError:
+                continue  # a leftover of an earlier process with our pid
+        raise TemporaryFailure(f"{self._dir}/pid: unable to create a unique file")
+
+    def _write_intd(self, path: str, envelope: bytes) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o640)
+        except FileExistsError:
+            os.unlink(path)  # stale: its inode number is ours now, so its message is gone
+            fd = os.open(path, flags, 0o640)
+        try:
+            _writev_all(fd, [envelope])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _trigger(self, byte: bytes) -> None:
+        """Wake the manager; nobody listening (ENXIO), a full FIFO or any other error is fine."""
+        try:
+            fd = os.open(f"{self._dir}/lock/trigger", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            os.write(fd, byte)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    # -- preprocessing (the manager)
+
+    def list_todo(self) -> list[int]:
+        """Committed messages not yet preprocessed, oldest id first."""
+        return sorted(_ids(f"{self._dir}/todo"))
+
+    def read_todo(self, mid: int) -> Envelope:
+        path = self._flat("todo", mid)
+        with open(path, "rb") as f:
+            return parse_envelope(f.read(), path)
+
+    def write_info(self, mid: int, sender: str) -> None:
+        """``info/N/id`` = ``F<sender>\\0``, fsync'd (its mtime becomes the birth)."""
+        _write_synced(self._split("info", mid), b"F" + sender.encode(*_ENC) + b"\0")
+
+    def write_channel(self, mid: int, channel: str, addresses: list[str]) -> None:
+        """``local/N/id`` or ``remote/N/id`` with one ``T<addr>\\0`` each, fsync'd."""
+        _check_channel(channel)
+        data = b"".join(b"T" + a.encode(*_ENC) + b"\0" for a in addresses)
+        _write_synced(self._split(channel, mid), data)
+        self._dirty.setdefault(mid, set()).add(channel)
+
+    def finish_preprocess(self, mid: int) -> None:
+        """Make the new entries durable, then drop ``todo/id`` and ``intd/id``."""
+        channels = self._dirty.pop(mid, set(CHANNELS))
+        n = mid % SPLIT
+        for sub in ("info", *sorted(channels)):
+            _fsync_dir(f"{self._dir}/{sub}/{n}")
+        # A crash from here on at worst leaves todo/: the manager then preprocesses again.
+        _unlink(self._flat("todo", mid))
+        _unlink(self._flat("intd", mid))
+
+    # -- delivery state
+
+    def list_info(self) -> list[int]:
+        """Preprocessed messages (those with an ``info`` file)."""
+        out: list[int] = []
+        for n in range(SPLIT):
+            out.extend(_ids(f"{self._dir}/info/{n}"))
+        return sorted(out)
+
+    def read_info(self, mid: int) -> str:
+        path = self._split("info", mid)
+        with open(path, "rb") as f:
+            data = f.read()
+        if not data.startswith(b"F") or not data.endswith(b"\0"):
+            raise TemporaryFailure(f"{path}: malformed info file")
+        return data[1:-1].decode(*_ENC)
+
+    def birth(self, mid: int) -> float:
+        return os.stat(self._split("info", mid)).st_mtime
+
+    def message_size(self, mid: int) -> int:
+        return os.stat(self._split("mess", mid)).st_size
+
+    def read_channel(self, mid: int, channel: str) -> list[Record]:
+        _check_channel(channel)
+        try:
+            with open(self._split(channel, mid), "rb") as f:
+                return parse_channel(f.read())
+        except FileNotFoundError:
+            return []
+
+    def channel_mtime(self, mid: int, channel: str) -> float | None:
+        _check_channel(channel)
+        try:
+            return os.stat(self._split(channel, mid)).st_mtime
+        except FileNotFoundError:
+            return None
+
+    def set_channel_mtime(self, mid: int, channel: str, when: float) -> None:
+        _check_channel(channel)
+        try:
+            os.utime(self._split(channel, mid), (when, when))
+        except FileNotFoundError:
+            pass
+
+    def mark_done(self, mid: int, channel: str, offset: int) -> None:
+        """Overwrite the record's ``T`` with ``D`` in place and fsync (qmail-send's markdone)."""
+        _check_channel(channel)
+        fd = os.open(self._split(channel, mid), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            if os.pwrite(fd, b"D", offset) != 1:
+                raise TemporaryFailure(f"{self._split(channel, mid)}: short write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def append_bounce(self, mid: int, data: bytes) -> None:
+        """Append permanent-failure paragraphs to ``bounce/id``, durably."""
+        _write_synced(self._flat("bounce", mid), data, os.O_APPEND)
+        _fsync_dir(f"{self._dir}/bounce")
+
+    def read_bounce(self, mid: int) -> bytes:
+        try:
+            with open(self._flat("bounce", mid), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return b""
+
+    def remove_message(self, mid: int) -> None:
+        """Drop every file of a finished message; the message file goes last.
+
+        A crash part-way leaves either a message with nothing left to do (finished again, with no
+        second bounce since bounce/ went first) or a stray mess file (removed by cleanup_stale).
+        """
+        for path in (self._flat("bounce", mid), self._split("local", mid),
+                     self._split("remote", mid), self._split("info", mid),
+                     self._flat("todo", mid), self._flat("intd", mid), self._split("mess", mid)):
+            _unlink(path)
+        self._dirty.pop(mid, None)
+
+    # -- crash clean-up
+
+    def cleanup_stale(self) -> int:
+        """Remove what a writer that died before its commit left behind; return how many files.
+
+        Removed: ``mess`` files with neither ``todo`` nor ``info`` (with their ``intd``), ``intd``
+        files with neither ``todo`` nor ``mess``, and ``pid/`` leftovers. None of these was ever
+        committed, so none is ever delivered.
+
+        Why this is safe while other processes inject (qmail waits 36 hours instead): every
+        writer holds an flock on its message file from before the file gets its ``mess`` name
+        until after the todo link, and the lock dies with the process. A ``mess`` file is removed
+        only if its lock can be taken *and*, with the lock held, there is still no ``todo`` or
+        ``info`` entry; a live writer, however slowly its input arrives, keeps its file. A
+        ``pid/`` name exists unlocked for a moment between its creation and the flock, so pid
+        files are removed only when unlocked and older than STALE_PID_AGE seconds.
+        """
+        removed = 0
+        d = self._dir
+        now = time.time()
+        for name in _listdir(f"{d}/pid"):
+            path = f"{d}/pid/{name}"
+            try:
+                if now - os.lstat(path).st_mtime < STALE_PID_AGE:
+                    continue
+            except FileNotFoundError:
+                continue
+            if _remove_if_unlocked(path, lambda: False):
+                removed += 1
+
+        todo = set(_listdir(f"{d}/todo"))
+        info: set[str] = set()
+        for n in range(SPLIT):
+            info.update(_listdir(f"{d}/info/{n}"))
+        for n in range(SPLIT):
+            for name in _listdir(f"{d}/mess/{n}"):
+                if name in todo or name in info:
+                    continue
+                todo_p, info_p = f"{d}/todo/{name}", f"{d}/info/{n}/{name}"
+
+                def committed(todo_p: str = todo_p, info_p: str = info_p) -> bool:
+                    return _exists(todo_p) or _exists(info_p)
+
+                if _remove_if_unlocked(f"{d}/mess/{n}/{name}", committed):
+                    removed += 1 + int(_unlink(f"{d}/intd/{name}"))
+
+        for name in _listdir(f"{d}/intd"):
+            if not name.isdigit() or name in todo:
+                continue
+            mid = int(name)
+            if not _exists(f"{d}/todo/{name}") and not _exists(self._split("mess", mid)):
+                removed += int(_unlink(f"{d}/intd/{name}"))
+        return removed
+
+    # -- queue tools
+
+    def counts(self) -> tuple[int, int]:
+        """(messages in queue, not yet preprocessed), as qmail-qstat counts them."""
+        total = sum(len(_listdir(f"{self._dir}/mess/{n}")) for n in range(SPLIT))
+        return total, len(_listdir(f"{self._dir}/todo"))
+
+    def iter_messages(self) -> Iterator[QueuedMessage]:
+        """Every committed message, oldest first; messages being written are not shown."""
+        todo = set(self.list_todo())
+        msgs = []
+        for mid in sorted(todo | set(self.list_info())):
+            try:
+                msgs.append(self._describe(mid, mid in todo))
+            except (FileNotFoundError, TemporaryFailure):
+                continue  # finished or being rewritten meanwhile
+        msgs.sort(key=lambda m: (m.birth, m.id))
+        return iter(msgs)
+
+    def _describe(self, mid: int, in_todo: bool) -> QueuedMessage:
+        size = self.message_size(mid)
+        bouncing = _exists(self._flat("bounce", mid))
+        if in_todo:
+            env = self.read_todo(mid)
+            birth = os.stat(self._flat("todo", mid)).st_mtime
+            rcpts = [QueuedRecipient("todo", a, False, None) for a in env.recipients]
+            return QueuedMessage(mid, birth, size, env.sender, bouncing, rcpts)
+        sender = self.read_info(mid)
+        birth = self.birth(mid)
+        rcpts = []
+        for ch in CHANNELS:
+            when = self.channel_mtime(mid, ch) if ch == "local" else None
+            for r in self.read_channel(mid, ch):
+                rcpts.append(QueuedRecipient(ch, r.address, r.done, None if r.done else when))
+        return QueuedMessage(mid, birth, size, sender, bouncing, rcpts)
+
+
+def _check_channel(channel: str) -> None:
+    if channel not in CHANNELS:
+        raise ValueError(f"unknown channel {channel!r}")
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except FileNotFoundError:
+        return []
+
+
+def _remove_if_unlocked(path: str, committed: Any) -> bool:
+    """Unlink ``path`` if nobody holds its flock and ``committed()`` is still false under the lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a writer is alive
+        if committed():
+            return False
+        return _unlink(path)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------- creating the layout
+
+# (relative path, mode). Writers (smtpd, inject, sendmail) create files in the group-writable
+# ones: setgid so that every file gets the queue's group, sticky so that no writer can remove
+# another's files. Everything else is the queue manager's alone.
+_WRITER_DIR = 0o3770
+_LAYOUT: list[tuple[str, int]] = [
+    ("", 0o750),
+    ("pid", _WRITER_DIR),
+    ("intd", _WRITER_DIR),
+    ("todo", _WRITER_DIR),
+    ("mess", 0o750),
+    *((f"mess/{n}", _WRITER_DIR) for n in range(SPLIT)),
+    *((sub, 0o700) for sub in ("info", "local", "remote")),
+    *((f"{sub}/{n}", 0o700) for sub in ("info", "local", "remote") for n in range(SPLIT)),
+    ("bounce", 0o700),
+    ("lock", 0o750),
+]
+
+
+def make_queue(path: str | os.PathLike[str], uid: int | None = None, gid: int | None = None) -> None:
+    """Create (or repair) the queue layout under ``path``; idempotent.
+
+    Modes, as qmail's install but without setuid programs: the directories a writer creates
+    files in (``pid``, ``intd``, ``todo``, ``mess/N``) are ``3770``, so any process running as
+    the owner or in the group ``gid`` can inject (that is how smtpd, cron and PHP reach the queue);
+    setgid gives every queued file that group (read access for the manager and the queue tools),
+    and the sticky bit keeps one writer from removing another's files; ``info``, ``local``,
+    ``remote`` and ``bounce`` are ``0700`` (the manager's). ``lock/sendmutex`` is ``0600`` and
+    ``lock/trigger`` a FIFO ``0622``. ``uid``/``gid`` (when given) own everything.
+    """
+    from pathlib import Path
+
+    base = Path(path)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for rel, mode in _LAYOUT:
+        p = base / rel if rel else base
+        try:
+            p.mkdir(mode=0o700)
+        except FileExistsError:
+            if not p.is_dir():
+                raise UsageError(f"{p}: exists and is not a directory") from None
+        _own(p, mode, uid, gid)
+
+    mutex = base / "lock" / "sendmutex"
+    os.close(os.open(mutex, os.O_WRONLY | os.O_CREAT, 0o600))
+    _own(mutex, 0o600, uid, gid)
+
+    trigger = base / "lock" / "trigger"
+    try:
+        os.mkfifo(trigger, 0o600)
+    except FileExistsError:
+        if not stat.S_ISFIFO(os.lstat(trigger).st_mode):
+            raise UsageError(f"{trigger}: exists and is not a FIFO") from None
+    _own(trigger, 0o622, uid, gid)
+
+    for p in (base / "lock", base / "mess", base, base.parent):
+        _fsync_dir(str(p))
+
+
+def _own(p: os.PathLike[str], mode: int, uid: int | None, gid: int | None) -> None:
+    if uid is not None or gid is not None:
+        os.chown(p, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
+    os.chmod(p, mode)  # after chown, which may clear the sticky/setgid bits
+
+
+__all__ = [
+    "CHANNELS",
+    "MAX_ADDRESS",
+    "SPLIT",
+    "Envelope",
+    "Queue",
+    "QueuedMessage",
+    "QueuedRecipient",
+    "Record",
+    "encode_address",
+    "make_queue",
+    "pack_envelope",
+    "parse_channel",
+    "parse_envelope",
+    "received_line",
+]

@@ -5,9 +5,10 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
-import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,14 +46,16 @@ def run_pqmail(*args: str, input: bytes | None = None, check: bool = True,
 
 
 @pytest.fixture
-def mailtmp(tmp_path: Path) -> Path:
-    """tmp_path, made traversable (o+x up to /tmp) so deliveries as the mail owner can reach it."""
-    p = tmp_path
-    while p != p.parent and str(p).startswith("/tmp/"):
-        mode = p.stat().st_mode
-        p.chmod(stat.S_IMODE(mode) | stat.S_IXOTH | stat.S_IXGRP)
-        p = p.parent
-    return tmp_path
+def mailtmp() -> Iterator[Path]:
+    """A fresh directory that deliveries as the mail owner can reach (o+x all the way down).
+
+    Not under pytest's tmp_path: pytest makes /tmp/pytest-of-<user> 0700 at every session start,
+    which would cut off a test of another session running at the same time.
+    """
+    top = Path(tempfile.mkdtemp(prefix="pqmail-test-", dir="/tmp"))
+    top.chmod(0o711)
+    yield top
+    shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ def test_sigkill_during_delivery_loses_nothing(seed):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
         while _count(boxes) < point and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.002)  # polling the observable event: files appearing in new/
+            time.sleep(0.02)  # polling the observable event: files appearing in new/
         assert proc.poll() is None, "pqmail send exited on its own"
         proc.send_signal(signal.SIGKILL)
         proc.wait()

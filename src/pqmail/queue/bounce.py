@@ -65,15 +65,19 @@ def compose(
     bouncefrom: str,
     bouncehost: str,
     when: float | None = None,
+    program: str = "qmail-send",
 ) -> bytes:
-    """The whole bounce message in QSBMF, LF line ends, with the original message attached."""
+    """The whole bounce message in QSBMF, LF line ends, with the original message attached.
+
+    ``program`` names the sender in the intro line (serialmail's bounces say ``maildirbounce``).
+    """
     head = (
         f"Date: {date822(when)}\n"
         f"From: {bouncefrom}@{bouncehost}\n"
         f"To: {target.recipient}\n"
         "Subject: failure notice\n"
         "\n"
-        f"Hi. This is the qmail-send program at {bouncehost}.\n"
+        f"Hi. This is the {program} program at {bouncehost}.\n"
     )
     if target.double:
         head += "I tried to deliver a bounce message to this address, but the bounce bounced!\n\n"

@@ -19,6 +19,7 @@ beyond the result fields.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -148,6 +149,7 @@ class _Worker:
     pending: dict[int, Future]
     lock: threading.RLock
     alive: bool = True
+    loop: asyncio.AbstractEventLoop | None = None  # set when results are read by an event loop
 
 
 class Spawner:
@@ -233,7 +235,54 @@ class Spawner:
                 return _temporary(f"Delivery process for uid {uid} is gone: {e}. (#4.3.0)")
         return fut.result()
 
-    def _worker(self, uid: int, gid: int) -> _Worker:
+    async def deliver_async(self, job: LocalJob, message_fd: int) -> LocalResult:
+        """:meth:`deliver` for an event loop: no thread waits while a worker delivers.
+
+        As root the job goes to the uid's worker and the result is read by the loop itself;
+        not as root the delivery runs in the loop's default executor (it blocks on fsync).
+        """
+        loop = asyncio.get_running_loop()
+        uid, gid = job.entry.uid, job.entry.gid
+        if not self.privileged or uid == 0:
+            return await loop.run_in_executor(None, self.deliver, job, message_fd)
+        try:
+            worker = self._worker(uid, gid, loop)
+        except OSError as e:
+            return _temporary(f"Unable to start a delivery process for uid {uid}: {e}. (#4.3.0)")
+        job_id = next(self._ids)
+        fut: asyncio.Future = loop.create_future()
+        if not worker.alive:
+            return _temporary(f"Delivery process for uid {uid} is gone; will retry. (#4.3.0)")
+        worker.pending[job_id] = fut
+        try:
+            socket.send_fds(worker.sock, [_job_to_wire(job_id, job)], [message_fd])
+        except OSError as e:
+            worker.pending.pop(job_id, None)
+            self._drop(worker)
+            return _temporary(f"Delivery process for uid {uid} is gone: {e}. (#4.3.0)")
+        return await fut
+
+    def _on_readable(self, w: _Worker) -> None:
+        try:
+            data = w.sock.recv(_MAX_FRAME)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if w.loop is not None:
+                w.loop.remove_reader(w.sock.fileno())
+            self._drop(w)
+            return
+        try:
+            d = json.loads(data.decode("utf-8", "surrogatepass"))
+            fut = w.pending.pop(int(d["id"]))
+        except (ValueError, KeyError, TypeError):
+            return
+        if not fut.done():
+            fut.set_result(_result_from_wire(d))
+
+    def _worker(self, uid: int, gid: int, loop: asyncio.AbstractEventLoop | None = None) -> _Worker:
         key = (uid, gid)
         with self._workers_lock:
             w = self._workers.get(key)
@@ -250,10 +299,13 @@ class Spawner:
             if "error" in answer:
                 mine.close()
                 raise OSError(answer["error"])
-            w = _Worker(sock=mine, pid=int(answer["pid"]), pending={}, lock=threading.RLock())
+            w = _Worker(sock=mine, pid=int(answer["pid"]), pending={}, lock=threading.RLock(), loop=loop)
             self._workers[key] = w
             self.log(f"status: delivery process {w.pid} started for uid {uid} gid {gid}")
-        threading.Thread(target=self._reader, args=(w,), daemon=True, name=f"lspawn-{uid}").start()
+        if loop is not None:
+            loop.add_reader(mine.fileno(), self._on_readable, w)
+        else:
+            threading.Thread(target=self._reader, args=(w,), daemon=True, name=f"lspawn-{uid}").start()
         return w
 
     def _reader(self, w: _Worker) -> None:
@@ -283,6 +335,11 @@ class Spawner:
                 if not fut.done():
                     fut.set_result(_temporary("Delivery process died; will retry. (#4.3.0)"))
             w.pending.clear()
+        if w.loop is not None:
+            try:
+                w.loop.remove_reader(w.sock.fileno())
+            except (ValueError, OSError, RuntimeError):
+                pass
         try:
             w.sock.close()
         except OSError:

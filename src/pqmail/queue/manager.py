@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import heapq
 import itertools
 import os
 import signal
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -44,9 +44,12 @@ from pqmail.local.deliver import LocalJob, LocalResult
 from pqmail.paths import Root
 from pqmail.queue import bounce, schedule
 from pqmail.queue.lspawn import Spawner
-from pqmail.queue.store import Queue
+from pqmail.queue.store import Queue, channel_records
 
 IDLE_RESCAN = 25 * 60  # qmail-send looks at todo/ at least every 25 minutes
+SETTLE_AFTER = 5.0  # seconds a preprocessed message may rely on todo/ before its files are fsync'd
+SETTLE_BATCH = 2048
+PREPROCESS_WINDOW = 1000  # local deliveries waiting for a slot, at most
 
 
 def _oneline(text: str) -> str:
@@ -59,10 +62,18 @@ class _Msg:
     sender: str
     birth: float
     local: list = field(default_factory=list)  # undone local records (store.Record)
-    remote_pending: int = 0
+    remote: list = field(default_factory=list)  # undone remote records
     next_local: float = 0.0
     in_flight: int = 0
     attempt_started: float = 0.0
+    # Until settled, info/local/remote exist only here and todo/ is the durable record of the
+    # message; ``records`` then holds every record (done ones too), for Queue.settle.
+    settled: bool = True
+    records: dict | None = None
+
+    @property
+    def remote_pending(self) -> int:
+        return sum(1 for r in self.remote if not r.done)
 
 
 class Manager:
@@ -72,13 +83,18 @@ class Manager:
                  log: Callable[[str], None] | None = None) -> None:
         self.root = root
         self.drain = drain
-        self.log = log or _stderr_log
+        self.log = log or _BufferedLog()
         self.queue = Queue(root.queue)
         self.control: Control = load_control(root)
         self.users = UsersDB(root)
         self.default_delivery = _read_default_delivery(root)
         self.spawner = Spawner(threads_per_worker=max(1, self.control.concurrencylocal), log=self.log)
         self.msgs: dict[int, _Msg] = {}
+        # (time, id): when each message's local records are next due; stale entries are skipped
+        self._heap: list[tuple[float, int]] = []
+        self._unsettled: list[int] = []  # preprocessed, but todo/ is still their durable record
+        self._unsettled_since = 0.0
+        self._settling = False
         self.ready: deque[tuple[_Msg, object]] = deque()
         self.in_flight = 0
         self.delivery_ids = itertools.count(1)
@@ -136,14 +152,17 @@ class Manager:
                 if not self.stopping:
                     self._queue_due(now)
                     self._dispatch()
+                self._maybe_settle(now)
                 if self.stopping and self.in_flight == 0:
                     break
                 if self.drain and self.in_flight == 0 and not self.ready and not self._due_soon(now):
-                    if not await loop.run_in_executor(None, self.queue.list_todo):
+                    todo = await loop.run_in_executor(None, self.queue.list_todo)
+                    if not [mid for mid in todo if mid not in self.msgs]:
                         break
                     self.todo_wanted = True
                     continue
                 timeout = min(IDLE_RESCAN, max(0.0, self._next_wakeup() - now))
+                self._flush_log()
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=timeout)
@@ -154,9 +173,15 @@ class Manager:
                 loop.remove_reader(trigger_fds[0])
             for fd in trigger_fds:
                 os.close(fd)
+            for t in list(self._tasks):
+                await asyncio.gather(t, return_exceptions=True)
+            rest = [self.msgs[mid] for mid in self._unsettled if mid in self.msgs]
+            if rest:
+                self._mark_late(self._settled(rest, self.queue.settle(self._settle_entries(rest))))
             self._save_retry_times()
             self.pool.shutdown(wait=True)
         self.log("status: exiting")
+        self._flush_log()
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_signal_handler(signal.SIGTERM, self._stop)
@@ -181,9 +206,15 @@ class Manager:
 
     def _flush(self) -> None:
         for m in self.msgs.values():
-            m.next_local = 0.0
+            if not m.in_flight:
+                self._schedule(m, 0.0)
         self.todo_wanted = True
         self._poke()
+
+    def _flush_log(self) -> None:
+        flush = getattr(self.log, "flush", None)
+        if flush is not None:
+            flush()
 
     def _poke(self) -> None:
         if self._wake is not None:
@@ -220,7 +251,8 @@ class Manager:
             if mid in unfinished:
                 continue
             try:
-                self.msgs[mid] = self._read_msg(mid)
+                m = self.msgs[mid] = self._read_msg(mid)
+                self._schedule(m, m.next_local)
             except (OSError, PqmailError) as e:
                 self.log(f"warning: msg {mid}: cannot read its queue files: {e}")
 
@@ -229,21 +261,38 @@ class Manager:
         birth = self.queue.birth(mid)
         m = _Msg(id=mid, sender=sender, birth=birth)
         m.local = [r for r in self.queue.read_channel(mid, "local") if not r.done]
-        m.remote_pending = sum(1 for r in self.queue.read_channel(mid, "remote") if not r.done)
+        m.remote = [r for r in self.queue.read_channel(mid, "remote") if not r.done]
         m.next_local = self.queue.channel_mtime(mid, "local") or 0.0
         if not m.local and not m.remote_pending:
             m.next_local = 0.0  # finished but not removed before a crash: finish it now
         return m
 
     async def _process_todo(self) -> None:
+        """Preprocess new messages from todo/, at most PREPROCESS_WINDOW ahead of the deliveries.
+
+        A backlog stays in todo/ (durable as it is) until its turn: preprocessing it all at once
+        would only mean fsync'ing info/local files for messages that are delivered seconds later.
+        """
+        room = PREPROCESS_WINDOW - len(self.ready)
+        if room < PREPROCESS_WINDOW // 2 and self.ready:
+            self.todo_wanted = True  # look again once the ready list has drained
+            return
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(None, self.queue.list_todo)
         ids = [i for i in ids if i not in self.msgs]
+        if len(ids) > room:
+            ids = ids[:room]
+            self.todo_wanted = True
         if ids:
-            done = await asyncio.gather(*(loop.run_in_executor(None, self._preprocess, i) for i in ids))
+            done = await loop.run_in_executor(None, lambda: [self._preprocess(i) for i in ids])
+            now = time.time()
             for m in done:
                 if m is not None:
                     self.msgs[m.id] = m
+                    self._schedule(m, 0.0)
+                    if not self._unsettled:
+                        self._unsettled_since = now
+                    self._unsettled.append(m.id)
 
     def _preprocess(self, mid: int) -> _Msg | None:
         try:
@@ -257,28 +306,43 @@ class Manager:
         for rcpt in env.recipients:
             rw = routing.rewrite_recipient(self.control, rcpt)
             (local if rw.is_local else remote).append(rw.address)
-        self.queue.write_info(mid, env.sender)
-        if local:
-            self.queue.write_channel(mid, "local", local)
-        if remote:
-            self.queue.write_channel(mid, "remote", remote)
-        self.queue.finish_preprocess(mid)
         size = self.queue.message_size(mid)
+        self.queue.discard_bounce(mid)  # from an interrupted earlier pass: its recipients run again
         self.log(f"info msg {mid}: bytes {size} from <{env.sender}> qp {env.pid} uid {env.uid}")
-        return self._read_msg(mid)
+        records = {"local": channel_records(local), "remote": channel_records(remote)}
+        return _Msg(id=mid, sender=env.sender, birth=time.time(), local=list(records["local"]),
+                    remote=list(records["remote"]), settled=False, records=records)
 
     # ------------------------------------------------------------------ scheduling
 
-    def _queue_due(self, now: float) -> None:
-        for m in list(self.msgs.values()):
-            if m.in_flight or m.next_local > now:
+    def _schedule(self, m: _Msg, when: float) -> None:
+        m.next_local = when
+        heapq.heappush(self._heap, (when, m.id))
+
+    def _top(self) -> tuple[float, _Msg] | None:
+        """The earliest valid heap entry, dropping stale ones (rescheduled, in flight or gone)."""
+        heap = self._heap
+        while heap:
+            when, mid = heap[0]
+            m = self.msgs.get(mid)
+            if m is None or m.in_flight or m.next_local != when:
+                heapq.heappop(heap)
                 continue
+            return when, m
+        return None
+
+    def _queue_due(self, now: float) -> None:
+        while (top := self._top()) is not None and top[0] <= now:
+            heapq.heappop(self._heap)
+            m = top[1]
             if not m.local:
                 if not m.remote_pending:
                     m.next_local = float("inf")
                     m.in_flight = 1
                     self.in_flight += 1
                     self._spawn(self._finish(m))
+                else:
+                    m.next_local = float("inf")  # waits for remote delivery
                 continue
             m.attempt_started = now
             m.next_local = float("inf")
@@ -287,11 +351,66 @@ class Manager:
                 m.in_flight += 1
 
     def _due_soon(self, now: float) -> bool:
-        return any(m.local and m.next_local <= now and not m.in_flight for m in self.msgs.values())
+        top = self._top()
+        return top is not None and top[0] <= now
 
     def _next_wakeup(self) -> float:
-        times = [m.next_local for m in self.msgs.values() if m.local and not m.in_flight]
-        return min(times, default=time.time() + IDLE_RESCAN)
+        top = self._top()
+        return top[0] if top is not None else time.time() + IDLE_RESCAN
+
+    def _maybe_settle(self, now: float) -> None:
+        """Write the files of preprocessed messages still alive, then drop their todo/ names."""
+        if self._settling or not self._unsettled:
+            return
+        if len(self._unsettled) < SETTLE_BATCH and now - self._unsettled_since < SETTLE_AFTER \
+                and not self.stopping:
+            return
+        batch, self._unsettled = self._unsettled, []
+        msgs = [self.msgs[mid] for mid in batch if mid in self.msgs]  # finished ones are gone whole
+        if not msgs:
+            return
+        self._settling = True
+
+        async def settle() -> None:
+            loop = asyncio.get_running_loop()
+            try:
+                written = await loop.run_in_executor(None, self.queue.settle, self._settle_entries(msgs))
+            except OSError as e:
+                self.log(f"warning: cannot settle {len(msgs)} preprocessed message(s): {e}; will retry")
+                self._unsettled.extend(m.id for m in msgs)
+                return
+            finally:
+                self._settling = False
+                self._unsettled_since = time.time()
+                self._poke()
+            late = self._settled(msgs, written)
+            if late:
+                await loop.run_in_executor(None, self._mark_late, late)
+
+        self._spawn(settle())
+
+    @staticmethod
+    def _settle_entries(msgs: list[_Msg]) -> list:
+        return [(m.id, m.sender, m.birth, m.records or {}) for m in msgs]
+
+    @staticmethod
+    def _settled(msgs: list[_Msg], written: dict[int, set[int]]) -> list[tuple[int, str, int]]:
+        """Flag messages settled; return the records done while their files were being written."""
+        late = []
+        for m in msgs:
+            m.settled = True
+            for channel, records in (m.records or {}).items():
+                late.extend((m.id, channel, r.offset) for r in records
+                            if r.done and r.offset not in written.get(m.id, ()))
+            m.records = None
+        return late
+
+    def _mark_late(self, late: list[tuple[int, str, int]]) -> None:
+        for mid, channel, offset in late:
+            try:
+                self.queue.mark_done(mid, channel, offset)
+            except FileNotFoundError:
+                pass  # finished and removed meanwhile
 
     def _dispatch(self) -> None:
         limit = self.control.concurrencylocal
@@ -306,9 +425,8 @@ class Manager:
         task.add_done_callback(self._tasks.discard)
 
     async def _deliver(self, m: _Msg, rec) -> None:
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, self._deliver_blocking, m, rec)
+            await self._deliver_one(m, rec)
         except Exception as e:  # never let one delivery take the manager down
             self.log(f"alert: msg {m.id}: internal error delivering to {rec.address}: "
                      f"{type(e).__name__}: {e}")
@@ -318,15 +436,17 @@ class Manager:
             if m.in_flight == 0:
                 m.local = [r for r in m.local if not r.done]
                 if m.local:
-                    m.next_local = schedule.next_retry(m.birth, m.attempt_started, "local")
+                    self._schedule(m, schedule.next_retry(m.birth, m.attempt_started, "local"))
                 else:
-                    m.next_local = 0.0
+                    self._schedule(m, 0.0)
             self._poke()
 
-    def _deliver_blocking(self, m: _Msg, rec) -> None:
+    async def _deliver_one(self, m: _Msg, rec) -> None:
+        """One local delivery; its result is on disk before the record counts as done."""
+        loop = asyncio.get_running_loop()
         d = next(self.delivery_ids)
         self.log(f"starting delivery {d}: msg {m.id} to local {rec.address}")
-        result = self._run_local(m, rec)
+        result = await self._run_local(m, rec)
         last = schedule.expired(m.birth, m.attempt_started, self.control.queuelifetime)
         if result.status == "Z" and last:
             result = LocalResult(status="D", report=f"{result.report}\n{bounce.TOO_LONG}",
@@ -334,28 +454,40 @@ class Manager:
         text = _oneline(result.report)
         if result.status == "K":
             if result.forwards:
-                fid = self.queue.enqueue(
+                fid = await loop.run_in_executor(None, lambda: self.queue.enqueue(
                     result.new_sender, result.forwards,
                     [result.forward_prefix, self.queue.message_path(m.id)],
                     invoked=f"by uid {self._uid_for(rec)}",
-                )
+                ))
                 text = f"{text}/forwarded as msg {fid}" if text else f"forwarded as msg {fid}"
-            self.queue.mark_done(m.id, "local", rec.offset)
+            if m.settled and not self._last_pending(m, rec):
+                await loop.run_in_executor(None, self.queue.mark_done, m.id, "local", rec.offset)
+            # else: the message is removed next; a crash before that repeats this delivery
             rec.done = True
             self.log(f"delivery {d}: success: {text}")
         elif result.status == "D":
             shown = routing.strip_vdom_prefix(self.control, rec.address)
-            self.queue.append_bounce(m.id, bounce.paragraph(shown, result.report))
-            self.queue.mark_done(m.id, "local", rec.offset)
+            await loop.run_in_executor(None, self._record_failure, m.id, rec.offset,
+                                       bounce.paragraph(shown, result.report), m.settled)
             rec.done = True
             self.log(f"delivery {d}: failure: {text}")
         else:
             self.log(f"delivery {d}: deferral: {text}")
 
+    def _record_failure(self, mid: int, offset: int, paragraph: bytes, settled: bool) -> None:
+        self.queue.append_bounce(mid, paragraph)
+        if settled:  # else Queue.settle writes the record as done (or todo/ starts it over)
+            self.queue.mark_done(mid, "local", offset)
+
+    @staticmethod
+    def _last_pending(m: _Msg, rec) -> bool:
+        """True when ``rec`` is the message's only undone recipient (then mark_done is redundant)."""
+        return m.remote_pending == 0 and all(r.done or r is rec for r in m.local)
+
     def _uid_for(self, rec) -> int:
         return getattr(rec, "uid", os.getuid())
 
-    def _run_local(self, m: _Msg, rec) -> LocalResult:
+    async def _run_local(self, m: _Msg, rec) -> LocalResult:
         r = routing.local_route(self.users, rec.address)  # rec.address was rewritten at preprocessing
         if r.trash:
             return LocalResult("K", "Trash address: nothing delivered.", [], "", b"")
@@ -376,7 +508,7 @@ class Manager:
             return LocalResult("Z", f"Unable to open the queued message: {e.strerror}. (#4.3.0)",
                                [], "", b"")
         try:
-            return self.spawner.deliver(job, fd)
+            return await self.spawner.deliver_async(job, fd)
         finally:
             os.close(fd)
 
@@ -385,11 +517,13 @@ class Manager:
     async def _finish(self, m: _Msg) -> None:
         loop = asyncio.get_running_loop()
         try:
+            # unlinks wait for the journal while deliveries fsync: never on the loop's thread
             await loop.run_in_executor(None, self._finish_blocking, m)
             self.msgs.pop(m.id, None)
         except (OSError, PqmailError) as e:
             self.log(f"warning: msg {m.id}: cannot finish yet ({e}); will retry")
-            m.next_local = time.time() + 60
+            m.in_flight = 0
+            self._schedule(m, time.time() + 60)
         finally:
             m.in_flight = 0
             self.in_flight -= 1
@@ -444,9 +578,30 @@ def _read_default_delivery(root: Root) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def _stderr_log(line: str) -> None:
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+class _BufferedLog:
+    """Log lines gathered and written to stderr once per pass of the manager's loop.
+
+    One write per pass instead of four per message; lines from other threads are appended safely
+    (list.append is atomic) and go out with the next flush.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        self.lines.append(line)
+        if len(self.lines) >= 256:
+            self.flush()
+
+    def flush(self) -> None:
+        lines, self.lines = self.lines, []
+        if lines:
+            data = ("\n".join(lines) + "\n").encode("utf-8", "replace")
+            try:
+                while data:
+                    data = data[os.write(2, data):]
+            except OSError:
+                pass  # a log that cannot be written must not stop deliveries
 
 
 def run_send(root: Root, drain: bool) -> int:

@@ -155,6 +155,16 @@ def parse_envelope(data: bytes, where: str = "envelope") -> Envelope:
     return Envelope(sender=sender, recipients=rcpts, pid=pid, uid=uid)
 
 
+def channel_records(addresses: list[str]) -> list[Record]:
+    """Records for a new channel file, with the offsets they will have once written."""
+    out: list[Record] = []
+    offset = 0
+    for a in addresses:
+        out.append(Record(address=a, offset=offset, done=False))
+        offset += len(a.encode(*_ENC)) + 2
+    return out
+
+
 def parse_channel(data: bytes) -> list[Record]:
     """The records of a ``local``/``remote`` file; a final record without its NUL is ignored."""
     out: list[Record] = []
@@ -265,10 +275,22 @@ def _write_message(fd: int, head: bytes, message: Any) -> None:
     flush()
 
 
-def _write_synced(path: str, data: bytes, flags: int = os.O_TRUNC) -> None:
+def _write_synced(path: str, data: bytes, flags: int = os.O_TRUNC, sync: bool = True) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | flags, 0o600)
     try:
         _writev_all(fd, [data])
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return  # already finished and removed
+    try:
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -457,6 +479,52 @@ class Queue:
         _write_synced(self._split(channel, mid), data)
         self._dirty.setdefault(mid, set()).add(channel)
 
+    def settle(self, entries: list[tuple[int, str, float, dict[str, list[Record]]]]) -> dict[int, set[int]]:
+        """Write and fsync ``info`` and the channel files of preprocessed messages, then drop ``todo``.
+
+        The queue manager preprocesses in memory and relies on ``todo/id`` (already durable) for as
+        long as a message is being delivered; most messages are finished and removed before they
+        ever need these files. ``entries`` are (id, sender, birth, {channel: records}); a record is
+        written ``D`` when it is done. Files are fsync'd one by one (the journal commits concurrent
+        fsyncs together), each directory once for the batch, and only then are ``todo``/``intd``
+        unlinked. Returns, per id, the offsets written as done. A crash before the end leaves
+        ``todo/id``: the message is preprocessed again, as qmail-send does.
+        """
+        written: dict[int, set[int]] = {}
+        dirs: set[str] = set()
+        paths: list[str] = []
+        for mid, sender, birth, channels in entries:
+            n = mid % SPLIT
+            info = self._split("info", mid)
+            _write_synced(info, b"F" + sender.encode(*_ENC) + b"\0", sync=False)
+            os.utime(info, (birth, birth))
+            paths.append(info)
+            dirs.add(f"{self._dir}/info/{n}")
+            done: set[int] = set()
+            for channel in CHANNELS:
+                records = channels.get(channel)
+                path = self._split(channel, mid)
+                if not records:
+                    _unlink(path)  # left over from an earlier, interrupted pass
+                    continue
+                parts = []
+                for r in records:
+                    if r.done:
+                        done.add(r.offset)
+                    parts.append((b"D" if r.done else b"T") + r.address.encode(*_ENC) + b"\0")
+                _write_synced(path, b"".join(parts), sync=False)
+                paths.append(path)
+                dirs.add(f"{self._dir}/{channel}/{n}")
+            written[mid] = done
+        for path in paths:
+            _fsync_file(path)
+        for d in sorted(dirs):
+            _fsync_dir(d)
+        for mid, *_ in entries:
+            _unlink(self._flat("todo", mid))
+            _unlink(self._flat("intd", mid))
+        return written
+
     def finish_preprocess(self, mid: int) -> None:
         """Make the new entries durable, then drop ``todo/id`` and ``intd/id``."""
         channels = self._dirty.pop(mid, set(CHANNELS))
@@ -528,6 +596,12 @@ class Queue:
         _write_synced(self._flat("bounce", mid), data, os.O_APPEND)
         _fsync_dir(f"{self._dir}/bounce")
 
+    def discard_bounce(self, mid: int) -> None:
+        _unlink(self._flat("bounce", mid))
+
+    def has_bounce(self, mid: int) -> bool:
+        return _exists(self._flat("bounce", mid))
+
     def read_bounce(self, mid: int) -> bytes:
         try:
             with open(self._flat("bounce", mid), "rb") as f:
@@ -541,9 +615,9 @@ class Queue:
         A crash part-way leaves either a message with nothing left to do (finished again, with no
         second bounce since bounce/ went first) or a stray mess file (removed by cleanup_stale).
         """
-        for path in (self._flat("bounce", mid), self._split("local", mid),
-                     self._split("remote", mid), self._split("info", mid),
-                     self._flat("todo", mid), self._flat("intd", mid), self._split("mess", mid)):
+        for path in (self._flat("bounce", mid), self._flat("todo", mid), self._flat("intd", mid),
+                     self._split("local", mid), self._split("remote", mid), self._split("info", mid),
+                     self._split("mess", mid)):
             _unlink(path)
         self._dirty.pop(mid, None)
 

@@ -33,7 +33,7 @@ def command(name: str) -> list[str]:
     script = Path(sys.executable).parent / name
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "pqmail.cli.sendmail" if name == "sendmail" else "pqmail.cli.main"]
+    return [sys.executable, "-m", "pqmail.cli.sendmail" if name == "sendmail" else "pqmail.cli.entry"]
 
 
 def _child_cpu() -> float:

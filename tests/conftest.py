@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-PQMAIL = [sys.executable, "-m", "pqmail.cli.main"]
+PQMAIL = [sys.executable, "-m", "pqmail.cli.entry"]
 
 
 def mail_owner() -> str:

@@ -237,19 +237,20 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code)
 
 
-def _report(e: Exception) -> int:
+def _report(e: Exception, prog: str = "sendmail") -> int:
+    """One line on stderr for ``e``; the exit code (100 permanent, 111 temporary)."""
     from pqmail.errors import PqmailError
 
     if isinstance(e, PqmailError):
-        sys.stderr.write(f"sendmail: {e}\n")
+        sys.stderr.write(f"{prog}: {e}\n")
         return e.exit_code
     if isinstance(e, OSError):
         where = f" {e.filename}:" if e.filename else ""
-        sys.stderr.write(f"sendmail: system error:{where} {e.strerror or e}\n")
+        sys.stderr.write(f"{prog}: system error:{where} {e.strerror or e}\n")
         return 111
     if os.environ.get("PQMAIL_DEBUG"):
         raise e
-    sys.stderr.write(f"sendmail: internal error: {type(e).__name__}: {e} (set PQMAIL_DEBUG=1 for details)\n")
+    sys.stderr.write(f"{prog}: internal error: {type(e).__name__}: {e} (set PQMAIL_DEBUG=1 for details)\n")
     return 111
 
 

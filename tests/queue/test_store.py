@@ -310,7 +310,7 @@ def test_iter_messages_shows_todo_and_preprocessed_messages(q: Queue):
     assert (mb.sender, mb.bouncing, mb.birth) == ("s2@x", True, q.birth(b))
     assert [(r.channel, r.address, r.done, r.next_attempt) for r in mb.recipients] == [
         ("local", "pre-l@y", True, None), ("local", "pre-m@y", False, 2_000_000_000.0),
-        ("remote", "r@z", False, None)]
+        ("remote", "r@z", False, q.channel_mtime(b, "remote"))]
 
 
 # ----------------------------------------------------------------------------- crash clean-up

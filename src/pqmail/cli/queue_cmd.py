@@ -73,6 +73,8 @@ def list_cmd(root, sub_root: str | None = None) -> None:
                 nxt = "  next attempt " + ("now" if r.next_attempt <= now
                                            else f"in {_age(r.next_attempt - now)}")
             click.echo(f"{state}\t{r.channel}\t{_printable(r.address)}{nxt}")
+            if not r.done and r.last:
+                click.echo(f"\t\tlast attempt: {_printable(r.last)}")
     if count == 0:
         click.echo("queue is empty")
 

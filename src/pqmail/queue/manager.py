@@ -38,6 +38,7 @@ from pathlib import Path
 
 from pqmail import routing
 from pqmail.config.assign import UsersDB
+from pqmail.config.casefold import ascii_lower
 from pqmail.config.control import Control, load_control
 from pqmail.errors import ConfigError, PqmailError, UsageError
 from pqmail.local.deliver import LocalJob, LocalResult
@@ -45,6 +46,7 @@ from pqmail.paths import Root
 from pqmail.queue import bounce, schedule
 from pqmail.queue.lspawn import Spawner
 from pqmail.queue.store import Queue, channel_records
+from pqmail.remote.deliver import RemoteEngine
 
 IDLE_RESCAN = 25 * 60  # qmail-send looks at todo/ at least every 25 minutes
 SETTLE_AFTER = 5.0  # seconds a preprocessed message may rely on todo/ before its files are fsync'd
@@ -66,6 +68,9 @@ class _Msg:
     next_local: float = 0.0
     in_flight: int = 0
     attempt_started: float = 0.0
+    next_remote: float = float("inf")
+    remote_in_flight: int = 0  # deliver calls (one per host and sender) under way
+    remote_started: float = 0.0
     # Until settled, info/local/remote exist only here and todo/ is the durable record of the
     # message; ``records`` then holds every record (done ones too), for Queue.settle.
     settled: bool = True
@@ -97,6 +102,10 @@ class Manager:
         self._settling = False
         self.ready: deque[tuple[_Msg, object]] = deque()
         self.in_flight = 0
+        self._rheap: list[tuple[float, int]] = []  # like _heap, for remote records
+        self.rready: deque[tuple[_Msg, str, str, list]] = deque()  # (msg, host, sender, records)
+        self.r_in_flight = 0
+        self.remote_engine = RemoteEngine(lambda: self.control, root)
         self.delivery_ids = itertools.count(1)
         self.stopping = False
         self.todo_wanted = True
@@ -152,10 +161,14 @@ class Manager:
                 if not self.stopping:
                     self._queue_due(now)
                     self._dispatch()
+                    self._queue_due_remote(now)
+                    self._dispatch_remote()
                 self._maybe_settle(now)
-                if self.stopping and self.in_flight == 0:
+                busy = self.in_flight + self.r_in_flight
+                if self.stopping and busy == 0:
                     break
-                if self.drain and self.in_flight == 0 and not self.ready and not self._due_soon(now):
+                if self.drain and busy == 0 and not self.ready and not self.rready \
+                        and not self._due_soon(now):
                     todo = await loop.run_in_executor(None, self.queue.list_todo)
                     if not [mid for mid in todo if mid not in self.msgs]:
                         break
@@ -175,6 +188,7 @@ class Manager:
                 os.close(fd)
             for t in list(self._tasks):
                 await asyncio.gather(t, return_exceptions=True)
+            await self.remote_engine.close()
             rest = [self.msgs[mid] for mid in self._unsettled if mid in self.msgs]
             if rest:
                 self._mark_late(self._settled(rest, self.queue.settle(self._settle_entries(rest))))
@@ -208,6 +222,8 @@ class Manager:
         for m in self.msgs.values():
             if not m.in_flight:
                 self._schedule(m, 0.0)
+            if m.remote and not m.remote_in_flight:
+                self._schedule_remote(m, 0.0)
         self.todo_wanted = True
         self._poke()
 
@@ -253,6 +269,8 @@ class Manager:
             try:
                 m = self.msgs[mid] = self._read_msg(mid)
                 self._schedule(m, m.next_local)
+                if m.remote:
+                    self._schedule_remote(m, m.next_remote)
             except (OSError, PqmailError) as e:
                 self.log(f"warning: msg {mid}: cannot read its queue files: {e}")
 
@@ -262,6 +280,8 @@ class Manager:
         m = _Msg(id=mid, sender=sender, birth=birth)
         m.local = [r for r in self.queue.read_channel(mid, "local") if not r.done]
         m.remote = [r for r in self.queue.read_channel(mid, "remote") if not r.done]
+        if m.remote:
+            m.next_remote = self.queue.channel_mtime(mid, "remote") or 0.0
         m.next_local = self.queue.channel_mtime(mid, "local") or 0.0
         if not m.local and not m.remote_pending:
             m.next_local = 0.0  # finished but not removed before a crash: finish it now
@@ -290,6 +310,8 @@ class Manager:
                 if m is not None:
                     self.msgs[m.id] = m
                     self._schedule(m, 0.0)
+                    if m.remote:
+                        self._schedule_remote(m, 0.0)
                     if not self._unsettled:
                         self._unsettled_since = now
                     self._unsettled.append(m.id)
@@ -336,7 +358,7 @@ class Manager:
             heapq.heappop(self._heap)
             m = top[1]
             if not m.local:
-                if not m.remote_pending:
+                if not m.remote_pending and not m.remote_in_flight:
                     m.next_local = float("inf")
                     m.in_flight = 1
                     self.in_flight += 1
@@ -351,12 +373,98 @@ class Manager:
                 m.in_flight += 1
 
     def _due_soon(self, now: float) -> bool:
-        top = self._top()
-        return top is not None and top[0] <= now
+        top, rtop = self._top(), self._rtop()
+        return (top is not None and top[0] <= now) or (rtop is not None and rtop[0] <= now)
 
     def _next_wakeup(self) -> float:
-        top = self._top()
-        return top[0] if top is not None else time.time() + IDLE_RESCAN
+        times = [t[0] for t in (self._top(), self._rtop()) if t is not None]
+        return min(times) if times else time.time() + IDLE_RESCAN
+
+    # ------------------------------------------------------------------ remote channel
+
+    def _schedule_remote(self, m: _Msg, when: float) -> None:
+        m.next_remote = when
+        heapq.heappush(self._rheap, (when, m.id))
+
+    def _rtop(self) -> tuple[float, _Msg] | None:
+        heap = self._rheap
+        while heap:
+            when, mid = heap[0]
+            m = self.msgs.get(mid)
+            if m is None or m.remote_in_flight or m.next_remote != when or not m.remote:
+                heapq.heappop(heap)
+                continue
+            return when, m
+        return None
+
+    def _queue_due_remote(self, now: float) -> None:
+        """Group each due message's remote records by host and (VERP-expanded) sender."""
+        while (top := self._rtop()) is not None and top[0] <= now:
+            heapq.heappop(self._rheap)
+            m = top[1]
+            m.next_remote = float("inf")
+            m.remote_started = now
+            groups: dict[tuple[str, str], list] = {}
+            for rec in m.remote:
+                host = ascii_lower(routing.split_address(rec.address)[1])
+                groups.setdefault((host, routing.verp_expand(m.sender, rec.address)), []).append(rec)
+            for (host, sender), recs in groups.items():
+                self.rready.append((m, host, sender, recs))
+                m.remote_in_flight += 1
+
+    def _dispatch_remote(self) -> None:
+        limit = self.control.concurrencyremote
+        while self.rready and self.r_in_flight < limit:
+            m, host, sender, recs = self.rready.popleft()
+            self.r_in_flight += 1
+            self._spawn(self._deliver_remote(m, host, sender, recs))
+
+    async def _deliver_remote(self, m: _Msg, host: str, sender: str, recs: list) -> None:
+        try:
+            await self._deliver_remote_group(m, host, sender, recs)
+        except Exception as e:  # never let one delivery take the manager down
+            self.log(f"alert: msg {m.id}: internal error delivering to {host}: {type(e).__name__}: {e}")
+        finally:
+            self.r_in_flight -= 1
+            m.remote_in_flight -= 1
+            if m.remote_in_flight == 0:
+                m.remote = [r for r in m.remote if not r.done]
+                if m.remote:
+                    self._schedule_remote(m, schedule.next_retry(m.birth, m.remote_started, "remote"))
+                    self._note_status(m)
+                elif not m.local and not m.in_flight:
+                    self._schedule(m, 0.0)  # everything done: finish it
+            self._poke()
+
+    async def _deliver_remote_group(self, m: _Msg, host: str, sender: str, recs: list) -> None:
+        loop = asyncio.get_running_loop()
+        ids = [next(self.delivery_ids) for _ in recs]
+        for d, rec in zip(ids, recs, strict=True):
+            self.log(f"starting delivery {d}: msg {m.id} to remote {rec.address}")
+        results = await self.remote_engine.deliver(host, sender, [r.address for r in recs],
+                                                   self.queue.message_path(m.id))
+        last = schedule.expired(m.birth, m.remote_started, self.control.queuelifetime)
+        for d, rec, res in zip(ids, recs, results, strict=True):
+            status, report = res.status, res.report
+            if status == "Z" and last:
+                status, report = "D", f"{report}\n{bounce.TOO_LONG}"
+            text = _oneline(report)
+            if res.host_tried:
+                text = f"{text} [{res.host_tried}]"
+            if status == "K":
+                if m.settled and not self._last_pending(m, rec):
+                    await loop.run_in_executor(None, self.queue.mark_done, m.id, "remote", rec.offset)
+                rec.done = True
+                self.log(f"delivery {d}: success: {text}")
+            elif status == "D":
+                shown = routing.strip_vdom_prefix(self.control, rec.address)
+                await loop.run_in_executor(None, self._record_failure, m.id, rec.offset,
+                                           bounce.paragraph(shown, report), m.settled, "remote")
+                rec.done = True
+                self.log(f"delivery {d}: failure: {text}")
+            else:
+                rec.last = text
+                self.log(f"delivery {d}: deferral: {text}")
 
     def _maybe_settle(self, now: float) -> None:
         """Write the files of preprocessed messages still alive, then drop their todo/ names."""
@@ -437,6 +545,7 @@ class Manager:
                 m.local = [r for r in m.local if not r.done]
                 if m.local:
                     self._schedule(m, schedule.next_retry(m.birth, m.attempt_started, "local"))
+                    self._note_status(m)
                 else:
                     self._schedule(m, 0.0)
             self._poke()
@@ -472,17 +581,34 @@ class Manager:
             rec.done = True
             self.log(f"delivery {d}: failure: {text}")
         else:
+            rec.last = text
             self.log(f"delivery {d}: deferral: {text}")
 
-    def _record_failure(self, mid: int, offset: int, paragraph: bytes, settled: bool) -> None:
+    def _note_status(self, m: _Msg) -> None:
+        """Tell ``pqmail queue`` when each waiting recipient is tried next and what it last got."""
+        entries = [(r.address, when, getattr(r, "last", "") or "")
+                   for recs, when in ((m.local, m.next_local), (m.remote, m.next_remote))
+                   for r in recs if not r.done]
+
+        async def write() -> None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self.queue.write_status,
+                                                                 m.id, entries)
+            except OSError as e:
+                self.log(f"warning: msg {m.id}: cannot write its status: {e}")
+
+        self._spawn(write())
+
+    def _record_failure(self, mid: int, offset: int, paragraph: bytes, settled: bool,
+                        channel: str = "local") -> None:
         self.queue.append_bounce(mid, paragraph)
         if settled:  # else Queue.settle writes the record as done (or todo/ starts it over)
-            self.queue.mark_done(mid, "local", offset)
+            self.queue.mark_done(mid, channel, offset)
 
     @staticmethod
     def _last_pending(m: _Msg, rec) -> bool:
         """True when ``rec`` is the message's only undone recipient (then mark_done is redundant)."""
-        return m.remote_pending == 0 and all(r.done or r is rec for r in m.local)
+        return all(r.done or r is rec for r in m.local) and all(r.done or r is rec for r in m.remote)
 
     def _uid_for(self, rec) -> int:
         return getattr(rec, "uid", os.getuid())
@@ -551,6 +677,8 @@ class Manager:
         for m in self.msgs.values():
             if m.local and m.next_local not in (0.0, float("inf")):
                 self.queue.set_channel_mtime(m.id, "local", m.next_local)
+            if m.remote and m.next_remote not in (0.0, float("inf")):
+                self.queue.set_channel_mtime(m.id, "remote", m.next_remote)
 
 
 def _getpw(local: str):

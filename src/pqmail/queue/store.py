@@ -90,6 +90,7 @@ class QueuedRecipient(NamedTuple):
     address: str
     done: bool
     next_attempt: float | None
+    last: str | None = None  # the last attempt's report, for recipients still waiting
 
 
 class QueuedMessage(NamedTuple):
@@ -596,6 +597,35 @@ class Queue:
         _write_synced(self._flat("bounce", mid), data, os.O_APPEND)
         _fsync_dir(f"{self._dir}/bounce")
 
+    def write_status(self, mid: int, entries: list[tuple[str, float, str]]) -> None:
+        """Record (address, next attempt, last report) of waiting recipients, for ``pqmail queue``.
+
+        Informational only (not fsync'd; qmail keeps no such file): lost in a crash, rewritten at
+        the next attempt.
+        """
+        data = "".join(f"{a}\t{when:.0f}\t{text}\n" for a, when, text in entries
+                       if "\n" not in a and "\t" not in a)
+        path = self._flat("status", mid)
+        try:
+            _write_synced(path, data.encode(*_ENC), sync=False)
+        except FileNotFoundError:  # a queue made before status/ existed
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            _write_synced(path, data.encode(*_ENC), sync=False)
+
+    def read_status(self, mid: int) -> dict[str, tuple[float, str]]:
+        try:
+            with open(self._flat("status", mid), "rb") as f:
+                data = f.read().decode(*_ENC)
+        except FileNotFoundError:
+            return {}
+        out: dict[str, tuple[float, str]] = {}
+        for line in data.splitlines():
+            a, _, rest = line.partition("\t")
+            when, _, text = rest.partition("\t")
+            if when.isdigit():
+                out[a] = (float(when), text)
+        return out
+
     def discard_bounce(self, mid: int) -> None:
         _unlink(self._flat("bounce", mid))
 
@@ -615,7 +645,8 @@ class Queue:
         A crash part-way leaves either a message with nothing left to do (finished again, with no
         second bounce since bounce/ went first) or a stray mess file (removed by cleanup_stale).
         """
-        for path in (self._flat("bounce", mid), self._flat("todo", mid), self._flat("intd", mid),
+        for path in (self._flat("bounce", mid), self._flat("status", mid),
+                     self._flat("todo", mid), self._flat("intd", mid),
                      self._split("local", mid), self._split("remote", mid), self._split("info", mid),
                      self._split("mess", mid)):
             _unlink(path)
@@ -705,10 +736,15 @@ class Queue:
         sender = self.read_info(mid)
         birth = self.birth(mid)
         rcpts = []
+        status = self.read_status(mid)
         for ch in CHANNELS:
-            when = self.channel_mtime(mid, ch) if ch == "local" else None
+            when = self.channel_mtime(mid, ch)
             for r in self.read_channel(mid, ch):
-                rcpts.append(QueuedRecipient(ch, r.address, r.done, None if r.done else when))
+                if r.done:
+                    rcpts.append(QueuedRecipient(ch, r.address, True, None))
+                    continue
+                nxt, last = status.get(r.address, (when, None))
+                rcpts.append(QueuedRecipient(ch, r.address, False, nxt, last))
         return QueuedMessage(mid, birth, size, sender, bouncing, rcpts)
 
 
@@ -758,6 +794,7 @@ _LAYOUT: list[tuple[str, int]] = [
     *((sub, 0o700) for sub in ("info", "local", "remote")),
     *((f"{sub}/{n}", 0o700) for sub in ("info", "local", "remote") for n in range(SPLIT)),
     ("bounce", 0o700),
+    ("status", 0o700),
     ("lock", 0o750),
 ]
 

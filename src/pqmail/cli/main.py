@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "queue": ("pqmail.cli.queue_cmd", "queue", "Inspect the queue, count it, or retry now."),
     "smtpd": ("pqmail.cli.smtpd_cmd", "smtpd", "Run the SMTP server alone (qmail-smtpd)."),
     "serve": ("pqmail.cli.serve_cmd", "serve", "Run every service under one supervisor."),
+    "serialmail": ("pqmail.cli.serialmail_cmd", "serialmail",
+                   "Push dial-up customers' mail to their hosts (serialmail, ETRN, ODMR)."),
 }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from aiosmtpd.controller import Controller
+
 from conftest import run_pqmail
 
 

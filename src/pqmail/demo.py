@@ -126,7 +126,8 @@ def main() -> None:
     how_to_send(top, a.smtp)
     host, port = a.smtp.rsplit(":", 1)
     os.execv(sys.executable, [*PQMAIL, "serve", "--root", str(top / "root"), "--smtp", a.smtp,
-                              "--submission", f"{host}:{int(port) + 62}", "--workers", "2"])
+                              "--submission", f"{host}:{int(port) + 62}", "--pop3", f"{host}:1110",
+                              "--odmr", f"{host}:2366", "--workers", "2"])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pqmail.config.control import load_control
@@ -26,11 +26,17 @@ class ServeOptions:
     explicit_smtps: bool
     workers: int
     pidfile: str | None
+    pop3: list[str] = field(default_factory=list)
+    pop3s: list[str] = field(default_factory=list)
+    explicit_pop3s: bool = False
+    odmr: list[str] = field(default_factory=list)
+    serialmail: bool = True
 
 
 @dataclass
 class Listener:
-    """A bound socket and what it serves: ``smtp``, ``submission`` (AUTH required) or ``smtps``."""
+    """A bound socket and what it serves: ``smtp``, ``submission`` (AUTH required), ``smtps``,
+    ``pop3``, ``pop3s`` or ``odmr``."""
 
     kind: str
     sock: socket.socket
@@ -56,7 +62,7 @@ def check_config(root: Root, opts: ServeOptions) -> list[str]:
             mail_user_ids(root.control)
         except UsageError as e:
             problems.append(str(e))
-    for spec in opts.smtp + opts.submission + opts.smtps:
+    for spec in opts.smtp + opts.submission + opts.smtps + opts.pop3 + opts.pop3s + opts.odmr:
         try:
             parse_hostport(spec)
         except UsageError as e:
@@ -64,6 +70,8 @@ def check_config(root: Root, opts: ServeOptions) -> list[str]:
     cert = root.control_file("servercert.pem")
     if opts.explicit_smtps and not cert.exists():
         problems.append(f"{cert}: missing; the implicit-TLS listener (--smtps) needs it")
+    if opts.explicit_pop3s and not cert.exists():
+        problems.append(f"{cert}: missing; the implicit-TLS POP3 listener (--pop3s) needs it")
     return problems
 
 
@@ -77,18 +85,36 @@ def run_serve(root: Root, opts: ServeOptions, check_only: bool = False) -> int:
         return 100 if problems else 0
     if problems:
         raise UsageError("; ".join(problems))
-    if not root.control_file("servercert.pem").exists() and not opts.explicit_smtps:
-        opts.smtps = []  # no certificate: no implicit-TLS listener unless asked for explicitly
+    if not root.control_file("servercert.pem").exists():
+        # no certificate: no implicit-TLS listener unless asked for explicitly
+        if not opts.explicit_smtps:
+            opts.smtps = []
+        if not opts.explicit_pop3s:
+            opts.pop3s = []
     drop = mail_user_ids(root.control) if os.geteuid() == 0 else None
     listeners = _bind(opts)
     services = [Service("send", lambda: _run_send(root), drop_to=None)]
-    if listeners:
+    smtp = [(li.kind, li.sock) for li in listeners if li.kind in ("smtp", "submission", "smtps")]
+    pop3 = [(li.kind, li.sock) for li in listeners if li.kind in ("pop3", "pop3s")]
+    odmr = [(li.kind, li.sock) for li in listeners if li.kind == "odmr"]
+    if smtp:
         from pqmail.smtp.server import serve_listeners
 
         for n in range(opts.workers):
-            services.append(Service(
-                f"smtpd-{n}", lambda: serve_listeners(root, [(li.kind, li.sock) for li in listeners]),
-                drop_to=drop))
+            services.append(Service(f"smtpd-{n}", lambda: serve_listeners(root, smtp), drop_to=drop))
+    if pop3:
+        from pqmail.pop3.server import serve_pop3_listeners
+
+        for n in range(opts.workers):
+            services.append(Service(f"pop3d-{n}", lambda: serve_pop3_listeners(root, pop3), drop_to=drop))
+    if odmr:
+        from pqmail.serialmail.odmr import serve_odmr_listeners
+
+        services.append(Service("odmrd", lambda: serve_odmr_listeners(root, odmr), drop_to=drop))
+    if opts.serialmail:
+        from pqmail.serialmail.runner import serialmail_service
+
+        services.append(Service("serialmail", lambda: serialmail_service(root), drop_to=drop))
     for li in listeners:
         print(f"pqmail serve: {li.kind} listening on {li.address}", flush=True)
     pidfile = Path(opts.pidfile) if opts.pidfile else root.path / "serve.pid"
@@ -97,7 +123,8 @@ def run_serve(root: Root, opts: ServeOptions, check_only: bool = False) -> int:
 
 def _bind(opts: ServeOptions) -> list[Listener]:
     out: list[Listener] = []
-    for kind, specs in (("smtp", opts.smtp), ("submission", opts.submission), ("smtps", opts.smtps)):
+    for kind, specs in (("smtp", opts.smtp), ("submission", opts.submission), ("smtps", opts.smtps),
+                        ("pop3", opts.pop3), ("pop3s", opts.pop3s), ("odmr", opts.odmr)):
         for spec in specs:
             host, port = parse_hostport(spec)
             out.append(Listener(kind, bind_listener(host, port), f"{host}:{port}"))

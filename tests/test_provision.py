@@ -451,3 +451,15 @@ def test_concurrent_box_adds_get_distinct_numbers(seed):
     assert names == ["ex1-0003", "ex1-0004", "ex1-0005"]
     assert sorted(PasswordStore(Root(seed["root"])).boxes()) == ["ex1-0000", "ex1-0001", "ex1-0002", *names]
     assert all(is_maildir(seed["pop"] / n) for n in names)
+
+
+def test_dialup_list_shows_waiting_mail_and_last_transfer(seed):
+    from pqmail.maildir import deliver
+
+    home = seed["serial"] / "some.example.com"
+    deliver(home / "Maildir", [b"Return-Path: <a@b.test>\n",
+                               b"Delivered-To: some.example.com-x@some.example.com\n\nhi\n"])
+    (home / "LASTTRANSFER").write_text("1700000000 deferred delivered 2, 451 try later\n")
+    out = run_pqmail("dialup", "list", "--root", str(seed["root"]), env={"COLUMNS": "250"}).stdout.decode()
+    row = next(line for line in out.splitlines() if "some.example.com" in line)
+    assert " 1 " in row and "deferred" in row and "0m" in row

@@ -285,7 +285,33 @@ def dialup_add(name: str, handle: str | None, relayhost: str | None, base: str |
 @dialup.command("list", context_settings=CTX)
 @root_option
 def dialup_list(root: Root) -> None:
-    """List dial-up domains, their relay host and the number of messages waiting."""
-    rows = [(d.domain, d.relayhost or "(no RELAYHOST)", d.waiting, d.home)
-            for d in _provisioner(root).dialups()]
-    _table("dial-up domains", ("domain", "relay host", "waiting", "directory"), rows)
+    """List dial-up domains: relay host, messages waiting, oldest age, the last transfer.
+
+    The last transfer is what the latest flush (scheduled, ETRN, ODMR or
+    `pqmail serialmail flush`) recorded in DIR/LASTTRANSFER: when, and ok,
+    deferred or failed with a summary of the customer's answers.
+    """
+    import time
+
+    from pqmail.serialmail.flush import dialup_status
+
+    rows = []
+    for d in _provisioner(root).dialups():
+        st = dialup_status(d.home)
+        age = "-" if st.oldest_age is None else _age(st.oldest_age)
+        last = "never"
+        if st.last is not None:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(st.last.when))
+            last = f"{when} {st.last.status}: {st.last.text}"
+        rows.append((d.domain, d.relayhost or "(no RELAYHOST)", st.waiting, age, last, d.home))
+    _table("dial-up domains", ("domain", "relay host", "waiting", "oldest", "last transfer", "directory"),
+           rows)
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"

@@ -293,8 +293,9 @@ class Manager:
         A backlog stays in todo/ (durable as it is) until its turn: preprocessing it all at once
         would only mean fsync'ing info/local files for messages that are delivered seconds later.
         """
-        room = PREPROCESS_WINDOW - len(self.ready)
-        if room < PREPROCESS_WINDOW // 2 and self.ready:
+        waiting = len(self.ready) + len(self.rready)
+        room = PREPROCESS_WINDOW - waiting
+        if room < PREPROCESS_WINDOW // 2 and waiting:
             self.todo_wanted = True  # look again once the ready list has drained
             return
         loop = asyncio.get_running_loop()

@@ -75,6 +75,7 @@ class _Msg:
     # message; ``records`` then holds every record (done ones too), for Queue.settle.
     settled: bool = True
     records: dict | None = None
+    settling: bool = False  # its files are being written: it must not be removed meanwhile
 
     @property
     def remote_pending(self) -> int:
@@ -359,7 +360,7 @@ class Manager:
             heapq.heappop(self._heap)
             m = top[1]
             if not m.local:
-                if not m.remote_pending and not m.remote_in_flight:
+                if not m.remote_pending and not m.remote_in_flight and not m.settling:
                     m.next_local = float("inf")
                     m.in_flight = 1
                     self.in_flight += 1
@@ -479,6 +480,8 @@ class Manager:
         if not msgs:
             return
         self._settling = True
+        for m in msgs:
+            m.settling = True
 
         async def settle() -> None:
             loop = asyncio.get_running_loop()
@@ -491,6 +494,10 @@ class Manager:
             finally:
                 self._settling = False
                 self._unsettled_since = time.time()
+                for m in msgs:
+                    m.settling = False
+                    if not m.local and not m.remote and not m.in_flight and not m.remote_in_flight:
+                        self._schedule(m, 0.0)  # finished while its files were written
                 self._poke()
             late = self._settled(msgs, written)
             if late:

@@ -428,3 +428,21 @@ def test_parse_envelope_and_channel():
     recs = store.parse_channel(b"Ta\0Dbb\0Tccc\0Tpartial")
     assert [(r.address, r.offset, r.done) for r in recs] == [("a", 0, False), ("bb", 3, True),
                                                              ("ccc", 7, False)]
+
+
+def test_group_commit_isolates_a_bad_envelope(q: Queue):
+    """Concurrent enqueue_async calls are committed together; one bad envelope fails alone."""
+    async def main() -> list:
+        calls = [q.enqueue_async("a@b.test", [f"r{i}@y"] if i != 7 else ["bad\nrcpt@y"], b"x\n")
+                 for i in range(20)]
+        return await asyncio.gather(*calls, return_exceptions=True)
+
+    try:
+        outcomes = asyncio.run(main())
+    finally:
+        q.close()
+    assert isinstance(outcomes[7], PermanentFailure)
+    ids = [o for i, o in enumerate(outcomes) if i != 7]
+    assert all(isinstance(i, int) for i in ids) and len(set(ids)) == 19
+    assert q.list_todo() == sorted(ids)
+    assert [q.read_todo(mid).recipients for mid in ids] == [[f"r{i}@y"] for i in range(20) if i != 7]

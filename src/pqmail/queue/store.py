@@ -184,6 +184,13 @@ def parse_channel(data: bytes) -> list[Record]:
 
 # ----------------------------------------------------------------------------- low-level I/O
 
+def _as_failure(e: BaseException, where: str) -> BaseException:
+    """An enqueue failure as the caller sees it: PqmailError as is, OSError as TemporaryFailure."""
+    if isinstance(e, OSError):
+        return TemporaryFailure(f"unable to queue the message in {where}: {e.strerror or e}")
+    return e
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -313,6 +320,9 @@ class Queue:
         self._dir = os.fspath(path)
         self._max_threads = max_threads
         self._pool: Any = None  # made on first use, by the event loop's thread (no lock needed)
+        self._waiting: list[tuple[tuple, Any]] = []  # enqueue_async calls for the next group commit
+        self._committing = False
+        self._commit_task: Any = None
         self._dirty: dict[int, set[str]] = {}  # mid -> channel dirs to fsync at finish_preprocess
 
     # -- names
@@ -362,13 +372,135 @@ class Queue:
 
     async def enqueue_async(self, sender: str, recipients: list[str], message: Any,
                             invoked: str | None = None) -> int:
-        """:meth:`enqueue` in this queue's thread pool, so concurrent sessions' fsyncs overlap."""
+        """:meth:`enqueue` for an event loop, with group commit: returns once committed and durable.
+
+        Calls that arrive while a group is being committed wait for the next group, which is then
+        made safe with one fsync per file (cheap after the first: the journal commits them together)
+        and one per directory, and committed into ``todo/`` with one fsync of ``todo/`` for all.
+        The blocking work runs in this queue's thread pool, never on the event loop.
+        """
         import asyncio
-        import functools
 
         loop = asyncio.get_running_loop()
-        call = functools.partial(self.enqueue, sender, recipients, message, invoked)
-        return await loop.run_in_executor(self._executor(), call)
+        fut = loop.create_future()
+        self._waiting.append(((sender, list(recipients), message, invoked), fut))
+        if not self._committing:
+            self._committing = True
+            self._commit_task = loop.create_task(self._commit_groups())
+        return await fut
+
+    async def _commit_groups(self) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                try:
+                    outcomes = await loop.run_in_executor(self._executor(), self._commit_group,
+                                                          [args for args, _ in group])
+                except BaseException as e:  # the pool is gone (shutdown): fail this group
+                    outcomes = [e] * len(group)
+                for (_, fut), outcome in zip(group, outcomes, strict=True):
+                    if fut.done():
+                        continue
+                    if isinstance(outcome, BaseException):
+                        fut.set_exception(outcome)
+                    else:
+                        fut.set_result(outcome)
+        finally:
+            self._committing = False
+
+    def _commit_group(self, calls: list[tuple]) -> list[int | BaseException]:
+        """Commit several messages together: write all, sync all, link all into todo/, sync todo/."""
+        outcomes: list[int | BaseException] = []
+        staged: list[tuple[int, int, str, str, int]] = []  # (index, fd, mess, intd, intd fd)
+        pid = os.getpid()
+        try:
+            for sender, recipients, message, invoked in calls:
+                try:
+                    envelope = pack_envelope(os.getuid(), pid, sender, recipients)
+                    head = received_line(pid, invoked or f"by uid {os.getuid()}")
+                    staged.append((len(outcomes), *self._stage(pid, head, message, envelope)))
+                    outcomes.append(-1)
+                except BaseException as e:
+                    outcomes.append(_as_failure(e, self._dir))
+            try:
+                dirs = set()
+                for _, fd, mess, _, ifd in staged:
+                    os.fsync(fd)
+                    os.fsync(ifd)
+                    dirs.add(os.path.dirname(mess))
+                for d in sorted(dirs):
+                    _fsync_dir(d)
+                for i, _, mess, intd, _ in staged:
+                    mid = int(os.path.basename(mess))
+                    self._link_todo(intd, mid)
+                    outcomes[i] = mid
+                _fsync_dir(f"{self._dir}/todo")
+            except BaseException as e:
+                failure = _as_failure(e, self._dir)
+                for i, _, mess, intd, _ in staged:
+                    if outcomes[i] == -1:  # never committed: nothing may keep these names
+                        outcomes[i] = failure
+                        for name in (intd, mess):
+                            try:
+                                os.unlink(name)
+                            except OSError:
+                                pass
+                    else:  # linked but todo/ not known durable: fail it too (the sender retries)
+                        outcomes[i] = failure
+        finally:
+            for _, fd, _, _, ifd in staged:
+                os.close(ifd)
+                os.close(fd)  # releases the writer's lock (see cleanup_stale)
+        if any(not isinstance(o, BaseException) for o in outcomes):
+            self._trigger(b"\n")
+        return outcomes
+
+    def _stage(self, pid: int, head: bytes, message: Any, envelope: bytes) -> tuple[int, str, str, int]:
+        """Write a message and its intd entry, unsynced; the fds stay open and the message locked."""
+        fd, pidname = self._create_pid_file(pid)
+        mess = intd = None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            mid = os.fstat(fd).st_ino
+            os.link(pidname, self._split("mess", mid))
+            mess = self._split("mess", mid)
+            os.unlink(pidname)
+            pidname = None
+            _write_message(fd, head, message)
+            intd = self._flat("intd", mid)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            try:
+                ifd = os.open(intd, flags, 0o640)
+            except FileExistsError:
+                os.unlink(intd)  # stale: its inode number is ours now, so its message is gone
+                ifd = os.open(intd, flags, 0o640)
+            try:
+                _writev_all(ifd, [envelope])
+            except BaseException:
+                os.close(ifd)
+                raise
+            return fd, mess, intd, ifd
+        except BaseException:
+            for name in (pidname, intd, mess):
+                if name is not None:
+                    try:
+                        os.unlink(name)
+                    except OSError:
+                        pass
+            os.close(fd)
+            raise
+
+    def _link_todo(self, intd: str, mid: int) -> None:
+        todo = self._flat("todo", mid)
+        try:
+            os.link(intd, todo)
+        except FileExistsError:
+            # Our inode is new, so a todo entry with its number belongs to no message.
+            os.unlink(todo)
+            os.link(intd, todo)
 
     def _executor(self) -> Any:
         if self._pool is None:

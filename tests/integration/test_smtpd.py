@@ -757,3 +757,57 @@ def test_random_sessions_get_smtp_replies_only(fuzz_srv, lines):
         if line:  # STARTTLS may leave the server waiting for a handshake it never gets
             assert line[:3].isdigit() and line[:1] in b"2345" and line[3:4] in (b" ", b"-"), data
     assert srv.proc.poll() is None, srv.log()
+
+
+# ----------------------------------------------------------------------------- ETRN (RFC 1985)
+
+def _dialup_waiting(seed, sink_port: int) -> Path:
+    from pqmail.maildir import deliver
+
+    home = seed["serial"] / "some.example.com"
+    (home / "RELAYHOST").write_text(f"127.0.0.1:{sink_port}\n")
+    name = deliver(home / "Maildir", [b"Return-Path: <alice@isp.test>\n",
+                                      b"Delivered-To: some.example.com-bob@some.example.com\n",
+                                      b"Subject: waiting\n\nfor the dial-up host\n"])
+    if os.geteuid() == 0:  # as pqmail send would have written it: owned by the mail user
+        shutil.chown(home / "Maildir" / "new" / name, mail_owner())
+    return home
+
+
+def test_etrn_from_an_allowed_client_flushes_the_customer(seed, start):
+    from serialmail.smtpsink import Sink
+
+    sink = Sink().start()
+    try:
+        home = _dialup_waiting(seed, sink.port)
+        (home / "ETRNCLIENTS").write_text("127.0.0.1\n")
+        srv = start()
+        with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as c:
+            c.ehlo("dialup.test")
+            assert "etrn" in c.esmtp_features
+            code, _ = c.docmd("ETRN", "some.example.com")
+            assert code in (250, 252, 253), code
+        deadline = time.monotonic() + 60
+        while not sink.messages:
+            assert time.monotonic() < deadline, srv.log()
+            time.sleep(0.05)  # polling for the observable event: the customer's server got it
+        msg = sink.messages[0]
+        assert (msg.sender, msg.rcpts) == ("alice@isp.test", ["bob@some.example.com"])
+        deadline = time.monotonic() + 30
+        while os.listdir(home / "Maildir" / "new"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        sink.stop()
+
+
+def test_etrn_from_another_client_is_refused(seed, start):
+    _dialup_waiting(seed, free_port())
+    srv = start()
+    with smtplib.SMTP("127.0.0.1", srv.port, timeout=30) as c:
+        c.ehlo("stranger.test")
+        code, _ = c.docmd("ETRN", "some.example.com")
+        assert code == 459
+        code, _ = c.docmd("ETRN", "not-ours.test")
+        assert code == 459
+    assert os.listdir(seed["serial"] / "some.example.com" / "Maildir" / "new")

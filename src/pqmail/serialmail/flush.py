@@ -349,7 +349,12 @@ class Job:
             if m.uniq in self.tried:
                 continue
             self.tried.add(m.uniq)
-            head = _read_head(m, self.prefix)
+            try:
+                head = _read_head(m, self.prefix)
+            except OSError as e:
+                self.result.skipped += 1
+                log(f"{self.name}: skipped {_rel(m)}: unable to read it: {e.strerror or e}")
+                continue
             if head is None:
                 if m.path.exists():
                     self.result.skipped += 1
@@ -365,10 +370,14 @@ def _rel(m: MaildirMessage) -> str:
 
 
 def _read_head(m: MaildirMessage, prefix: str) -> Head | None:
+    """The envelope from the first two lines; None when they do not fit or the file is gone.
+
+    Raises OSError when the file exists but cannot be read (permissions, I/O).
+    """
     try:
         with open(m.path, "rb") as f:
             return parse_head(f.read(HEAD_MAX), prefix)
-    except OSError:
+    except FileNotFoundError:
         return None  # gone meanwhile (a POP reader took it)
 
 

@@ -63,6 +63,7 @@ from pqmail.errors import ConfigError, PermanentFailure, PqmailError, TemporaryF
 from pqmail.passwords import PasswordStore, hash_password, verify_password
 from pqmail.paths import Root
 from pqmail.queue.store import Queue
+from pqmail.serialmail.etrn import handle_etrn
 from pqmail.smtp import policy as pol
 from pqmail.smtp.policy import SmtpPolicy
 
@@ -688,7 +689,7 @@ class QmailSMTP(SMTP):
             return
         self._hello(arg, extended=True)
         lines = [self.hostname, "PIPELINING", "8BITMIME", f"SIZE {self.data_size_limit}",
-                 "ENHANCEDSTATUSCODES"]
+                 "ENHANCEDSTATUSCODES", "ETRN"]
         if self.tls_context is not None and not self._tls_active():
             lines.append("STARTTLS")
         if self._tls_active():
@@ -730,6 +731,16 @@ class QmailSMTP(SMTP):
         self.end = "quit"
         self.transport.close()
         self._handler_coroutine.cancel()
+
+    async def smtp_ETRN(self, arg: str | None) -> None:
+        """RFC 1985: start the flush of a dial-up customer's Maildir (pqmail.serialmail.etrn)."""
+        if not self._chat():
+            return
+        loop = asyncio.get_running_loop()
+        reply = await loop.run_in_executor(None, handle_etrn, arg, self.ip, self.session.auth_box,
+                                           self.service.root)
+        self.service.log(f"etrn {self.ip} {_printable(arg or '', 80)}: {_printable(reply, 120)}")
+        await self.push(reply)
 
     async def smtp_unimplemented(self, arg: str | None) -> None:
         self._bogus += 1
@@ -920,7 +931,7 @@ class QmailSMTP(SMTP):
 
 _DISPATCH = {verb.encode(): getattr(QmailSMTP, "smtp_" + verb)
              for verb in ("HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP",
-                          "STARTTLS", "AUTH")}
+                          "STARTTLS", "AUTH", "ETRN")}
 
 
 def _b64(text: str) -> bytes | None:

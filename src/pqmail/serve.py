@@ -106,7 +106,9 @@ def run_serve(root: Root, opts: ServeOptions, check_only: bool = False) -> int:
         from pqmail.pop3.server import serve_pop3_listeners
 
         for n in range(opts.workers):
-            services.append(Service(f"pop3d-{n}", lambda: serve_pop3_listeners(root, pop3), drop_to=drop))
+            # it reads control/servercert.pem (root-only is fine) before dropping to the mail user
+            services.append(Service(f"pop3d-{n}", lambda: serve_pop3_listeners(root, pop3, drop_to=drop),
+                                    drop_to=None))
     if odmr:
         from pqmail.serialmail.odmr import serve_odmr_listeners
 

@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "send": ("pqmail.cli.send_cmd", "send", "Run the queue manager (qmail-send)."),
     "queue": ("pqmail.cli.queue_cmd", "queue", "Inspect the queue, count it, or retry now."),
     "smtpd": ("pqmail.cli.smtpd_cmd", "smtpd", "Run the SMTP server alone (qmail-smtpd)."),
+    "pop3d": ("pqmail.cli.pop3d_cmd", "pop3d", "Run the POP3 server alone (qmail-popup + qmail-pop3d)."),
+    "passwd": ("pqmail.cli.passwd_cmd", "passwd", "Change a POP box's password."),
     "serve": ("pqmail.cli.serve_cmd", "serve", "Run every service under one supervisor."),
     "serialmail": ("pqmail.cli.serialmail_cmd", "serialmail",
                    "Push dial-up customers' mail to their hosts (serialmail, ETRN, ODMR)."),

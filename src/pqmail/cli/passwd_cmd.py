@@ -1,0 +1,104 @@
+"""``pqmail passwd BOX``: give a POP box a new password (argon2id), or an imported hash as it is.
+
+The change is one line of users/poppasswd and a recompiled users/poppasswd.cdb (atomic), so the POP3
+server uses the new password from its next login on; a remembered verification of the old one no
+longer matches, because its key includes the stored hash. Files keep their owner, so the mail user
+can still read the cdb when root runs this.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from pqmail.cli.common import root_option
+from pqmail.errors import UsageError
+from pqmail.paths import Root
+
+CTX = {"help_option_names": ["-h", "--help"]}
+
+
+def _first_line(data: bytes, where: str) -> str:
+    line = data.split(b"\n", 1)[0].rstrip(b"\r")
+    if not line:
+        raise UsageError(f"no password in {where} (its first line is empty)")
+    return os.fsdecode(line)
+
+
+def read_new_password(password_file: str | None, random_password: bool) -> tuple[str, bool]:
+    """(password, generated?) from --password-file, --random-password, a prompt, or stdin."""
+    if password_file is not None and random_password:
+        raise UsageError("give --password-file or --random-password, not both")
+    if random_password:
+        from pqmail.passwords import random_password as make
+
+        return make(), True
+    if password_file is not None:
+        try:
+            if password_file == "-":
+                data = sys.stdin.buffer.read()
+            else:
+                with open(password_file, "rb") as f:
+                    data = f.read()
+        except OSError as e:
+            raise UsageError(f"{password_file}: cannot read the password: {e.strerror or e}") from None
+        return _first_line(data, password_file), False
+    if sys.stdin.isatty():
+        return click.prompt("New password", hide_input=True, confirmation_prompt=True), False
+    return _first_line(sys.stdin.buffer.read(), "standard input"), False
+
+
+def _file_owner(root: Root) -> tuple[int | None, int | None]:
+    """uid/gid the store's files have now (root keeps them; others cannot chown anyway)."""
+    if os.geteuid() != 0:
+        return None, None
+    for p in (root.users / "poppasswd.cdb", root.users / "poppasswd"):
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            continue
+        return st.st_uid, st.st_gid
+    return None, None
+
+
+@click.command(context_settings=CTX)
+@click.argument("box", metavar="BOX")
+@click.option("--password-file", metavar="F", help="Read the password from the first line of F ('-': stdin).")
+@click.option("--random-password", is_flag=True, help="Generate a password and print it.")
+@click.option("--hash", "hashed", metavar="HASH",
+              help="Store this hash as it is ($6$..., $2b$..., $argon2id$...), e.g. from another system.")
+@root_option
+def passwd(box: str, password_file: str | None, random_password: bool, hashed: str | None,
+           root: Root) -> None:
+    """Change the password of POP box BOX (users/poppasswd and its cdb).
+
+    Without an option the new password is asked for twice on a terminal, or read from the first line
+    of standard input. It is stored hashed with argon2id. --hash stores an existing crypt(3) or bcrypt
+    hash unchanged (pqmail pop3d verifies $1$, $5$, $6$ and $2a$/$2b$/$2y$ hashes too).
+
+    \b
+    Exit status: 0 done; 100 unknown box or bad input; 111 system error.
+    """
+    from pqmail.passwords import PasswordStore, hash_password
+    from pqmail.pop3.auth import scheme_of
+
+    store = PasswordStore(root, *_file_owner(root))
+    current = store.get(box)
+    if current is None:
+        raise UsageError(f"no such box {box!r} in {store.cdb_path}")
+    if hashed is not None:
+        if password_file is not None or random_password:
+            raise UsageError("give --hash or a password option, not both")
+        if scheme_of(hashed) == "unknown":
+            raise UsageError(f"unsupported hash {hashed[:12]!r}...: want $argon2id$, $1$, $5$, $6$, $2b$ "
+                             "or {PLAIN}")
+        store.set(box, hashed, current[1])
+        click.echo(f"{box}: hash replaced")
+        return
+    password, generated = read_new_password(password_file, random_password)
+    if any(c in password for c in "\0\r\n"):
+        raise UsageError("invalid password: contains a NUL, CR or LF")
+    store.set(box, hash_password(password), current[1])
+    click.echo(f"{box} {password}" if generated else f"{box}: password changed")

@@ -25,3 +25,36 @@ def root_option(func: F) -> F:
         callback=to_root,
         help="The pqmail root (a qmail tree). Default: $PQMAIL_ROOT, then /var/pqmail.",
     )(func)
+
+
+def read_password(password_file: str | None, random_password: bool,
+                  prompt: str = "Password") -> tuple[str, bool]:
+    """(password, generated?) from --password-file (``-`` = stdin), --random-password, a prompt on a
+    terminal, or the first line of standard input. A UsageError for conflicting options or no password.
+    """
+    import os
+    import sys
+
+    from pqmail.errors import UsageError
+
+    if password_file is not None and random_password:
+        raise UsageError("give --password-file or --random-password, not both")
+    if random_password:
+        from pqmail.passwords import random_password as make
+
+        return make(), True
+    if password_file is None and sys.stdin.isatty():
+        return click.prompt(prompt, hide_input=True, confirmation_prompt=True), False
+    where = "standard input" if password_file in (None, "-") else password_file
+    try:
+        if password_file in (None, "-"):
+            data = sys.stdin.buffer.read()
+        else:
+            with open(password_file, "rb") as f:
+                data = f.read()
+    except OSError as e:
+        raise UsageError(f"{where}: cannot read the password: {e.strerror or e}") from None
+    line = data.split(b"\n", 1)[0].rstrip(b"\r")
+    if not line:
+        raise UsageError(f"no password in {where} (its first line is empty)")
+    return os.fsdecode(line), False

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "alias": ("pqmail.cli.provision_cmd", "alias", "Point an address of a domain at a box or elsewhere."),
     "dialup": ("pqmail.cli.provision_cmd", "dialup", "Add or list dial-up (serialmail) customers."),
     "check": ("pqmail.cli.check_cmd", "check", "Report what qmail would trip on in the tree."),
+    "help": ("pqmail.cli.help_cmd", "help_group",
+             "Reference pages: every configuration file, its meaning and default."),
     "showctl": ("pqmail.cli.showctl_cmd", "showctl", "Show the effective control settings."),
     "route": ("pqmail.cli.route_cmd", "route", "Show how an address would be delivered."),
     "inject": ("pqmail.cli.inject_cmd", "inject", "Queue a message read from stdin (qmail-inject)."),

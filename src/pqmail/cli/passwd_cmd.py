@@ -9,45 +9,14 @@ can still read the cdb when root runs this.
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
-from pqmail.cli.common import root_option
+from pqmail.cli.common import read_password, root_option
 from pqmail.errors import UsageError
 from pqmail.paths import Root
 
 CTX = {"help_option_names": ["-h", "--help"]}
-
-
-def _first_line(data: bytes, where: str) -> str:
-    line = data.split(b"\n", 1)[0].rstrip(b"\r")
-    if not line:
-        raise UsageError(f"no password in {where} (its first line is empty)")
-    return os.fsdecode(line)
-
-
-def read_new_password(password_file: str | None, random_password: bool) -> tuple[str, bool]:
-    """(password, generated?) from --password-file, --random-password, a prompt, or stdin."""
-    if password_file is not None and random_password:
-        raise UsageError("give --password-file or --random-password, not both")
-    if random_password:
-        from pqmail.passwords import random_password as make
-
-        return make(), True
-    if password_file is not None:
-        try:
-            if password_file == "-":
-                data = sys.stdin.buffer.read()
-            else:
-                with open(password_file, "rb") as f:
-                    data = f.read()
-        except OSError as e:
-            raise UsageError(f"{password_file}: cannot read the password: {e.strerror or e}") from None
-        return _first_line(data, password_file), False
-    if sys.stdin.isatty():
-        return click.prompt("New password", hide_input=True, confirmation_prompt=True), False
-    return _first_line(sys.stdin.buffer.read(), "standard input"), False
 
 
 def _file_owner(root: Root) -> tuple[int | None, int | None]:
@@ -97,7 +66,7 @@ def passwd(box: str, password_file: str | None, random_password: bool, hashed: s
         store.set(box, hashed, current[1])
         click.echo(f"{box}: hash replaced")
         return
-    password, generated = read_new_password(password_file, random_password)
+    password, generated = read_password(password_file, random_password, prompt="New password")
     if any(c in password for c in "\0\r\n"):
         raise UsageError("invalid password: contains a NUL, CR or LF")
     store.set(box, hash_password(password), current[1])

@@ -6,13 +6,12 @@ Only argument handling and output live here; every decision and every file chang
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterable, Sequence
 
 import click
 
-from pqmail.cli.common import root_option
+from pqmail.cli.common import read_password, root_option
 from pqmail.errors import UsageError
 from pqmail.paths import Root
 
@@ -129,36 +128,6 @@ def domain_list(root: Root) -> None:
 
 # ----------------------------------------------------------------------------- box
 
-def _read_password(password_file: str | None, random_password: bool) -> tuple[str, bool]:
-    """(password, generated?) from the option given, stdin, or a prompt."""
-    if password_file is not None and random_password:
-        raise UsageError("give --password-file or --random-password, not both")
-    if random_password:
-        from pqmail.passwords import random_password as make
-
-        return make(), True
-    if password_file is not None:
-        try:
-            if password_file == "-":
-                data = sys.stdin.buffer.read()
-            else:
-                with open(password_file, "rb") as f:
-                    data = f.read()
-        except OSError as e:
-            raise UsageError(f"{password_file}: cannot read the password: {e.strerror or e}") from None
-        return _first_line(data, password_file), False
-    if sys.stdin.isatty():
-        return click.prompt("Password", hide_input=True, confirmation_prompt=True), False
-    return _first_line(sys.stdin.buffer.read(), "standard input"), False
-
-
-def _first_line(data: bytes, where: str) -> str:
-    line = data.split(b"\n", 1)[0].rstrip(b"\r")
-    if not line:
-        raise UsageError(f"no password in {where} (its first line is empty)")
-    return os.fsdecode(line)
-
-
 @click.group(context_settings=CTX)
 def box() -> None:
     """Add, list or remove a customer's POP boxes (Maildirs named HANDLE-NNNN)."""
@@ -183,7 +152,7 @@ def box_add(handle: str, password_file: str | None, random_password: bool, base:
 
     p = _provisioner(root, owner)  # first: a wrong --root or handle must not wait for a password
     validate_handle(handle)
-    password, generated = _read_password(password_file, random_password)
+    password, generated = read_password(password_file, random_password)
     name = p.box_add(handle, password, base)
     click.echo(f"{name} {password}" if generated else name)
 

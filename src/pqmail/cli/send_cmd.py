@@ -10,19 +10,19 @@ from pqmail.cli.common import root_option
 @click.command()
 @root_option
 @click.option("--drain", is_flag=True,
-              help="Deliver everything deliverable now, wait for deliveries in flight, then exit. "
-                   "Deferred messages and remote recipients stay queued.")
+              help="Deliver everything deliverable now (local and remote), wait for deliveries in "
+                   "flight, then exit. Deferred messages stay queued for their next retry.")
 def send(root, drain: bool) -> None:
     """Run the queue manager: deliver queued mail, retry deferrals, send bounces.
 
     \b
     Like qmail-send, it preprocesses each new message once (envnoathost,
     percenthack, locals, virtualdomains), delivers local recipients as the
-    user users/cdb names (concurrencylocal at a time), retries deferrals on
-    qmail's schedule (birth + (sqrt(age) + 10)^2 seconds) until
-    queuelifetime, and sends one QSBMF bounce per message listing every
-    recipient that failed permanently. Remote recipients stay queued, marked
-    remote.
+    user users/cdb names (concurrencylocal at a time) and remote ones by
+    SMTP (smtproutes, else MX; concurrencyremote at a time), retries
+    deferrals on qmail's schedule (birth + (sqrt(age) + 10)^2 seconds for
+    local, + 20 for remote) until queuelifetime, and sends one QSBMF bounce
+    per message listing every recipient that failed permanently.
 
     \b
     It wakes up when a message is queued (queue/lock/trigger), at the next

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from pqmail.cli.common import root_option
+from pqmail.cli.common import read_password, root_option
 from pqmail.errors import UsageError
 from pqmail.paths import Root
 
@@ -150,32 +150,6 @@ def odmrd_cmd(listen: tuple[str, ...], root: Root) -> None:
     serve_odmr_listeners(root, socks)
 
 
-def _new_password(password_file: str | None, random_password: bool) -> tuple[str, bool]:
-    if password_file is not None and random_password:
-        raise UsageError("give --password-file or --random-password, not both")
-    if random_password:
-        from pqmail.passwords import random_password as make
-
-        return make(), True
-    if password_file is not None:
-        try:
-            if password_file == "-":
-                data = sys.stdin.buffer.read()
-            else:
-                with open(password_file, "rb") as f:
-                    data = f.read()
-        except OSError as e:
-            raise UsageError(f"{password_file}: cannot read the password: {e.strerror or e}") from None
-    elif sys.stdin.isatty():
-        return click.prompt("Password", hide_input=True, confirmation_prompt=True), False
-    else:
-        data = sys.stdin.buffer.read()
-    line = data.split(b"\n", 1)[0].rstrip(b"\r")
-    if not line:
-        raise UsageError("no password given (the first line is empty)")
-    return os.fsdecode(line), False
-
-
 def _store_owner(root: Root) -> tuple[int | None, int | None]:
     """Keep users/poppasswd owned as it is (root may run this; the mail user must still read it)."""
     if os.geteuid() != 0:
@@ -215,7 +189,7 @@ def passwd_cmd(domain: str, password_file: str | None, random_password: bool, ha
     found = [x for x in find_dialups(root) if x.domain == d]
     if not found:
         raise UsageError(f"{d} is not a dial-up customer (add it with pqmail dialup add)")
-    password, generated = _new_password(password_file, random_password)
+    password, generated = read_password(password_file, random_password)
     if any(c in password for c in "\0\r\n") or (not hashed and ":" in password):
         raise UsageError("invalid password: contains a NUL, CR or LF (or ':', which only --hashed allows)")
     stored = hash_password(password) if hashed else "{PLAIN}" + password

@@ -62,9 +62,24 @@ INT_DEFAULTS = {
 }
 LIST_FILES = ("locals", "rcpthosts", "morercpthosts", "percenthack", "virtualdomains", "smtproutes",
               "badmailfrom")
-# Every name load_control reads, for showctl's "other files" list.
-KNOWN_FILES = frozenset(("me", *ME_DERIVED, *STRING_DEFAULTS, *INT_DEFAULTS, *LIST_FILES,
-                         "morercpthosts.cdb"))
+# Every name load_control reads: what control_stamp watches.
+LOADED_FILES = frozenset(("me", *ME_DERIVED, *STRING_DEFAULTS, *INT_DEFAULTS, *LIST_FILES,
+                          "morercpthosts.cdb"))
+
+
+def __getattr__(name: str) -> frozenset[str]:
+    """``KNOWN_FILES``: every control file some part of pqmail reads, for showctl's "other files".
+
+    Derived from config/reference.py (which documents each one) on first use, so that services that
+    import this module do not pay for building the reference (a few ms).
+    """
+    if name == "KNOWN_FILES":
+        from pqmail.config.reference import control_names
+
+        known = LOADED_FILES | control_names()
+        globals()["KNOWN_FILES"] = known
+        return known
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -359,7 +374,7 @@ def control_stamp(root: Root) -> tuple[tuple[str, int, int, int], ...]:
     administrator changed control/ (rcpthosts is re-read without restart) and calls load_control again.
     """
     out = []
-    for name in sorted(KNOWN_FILES):
+    for name in sorted(LOADED_FILES):
         try:
             st = os.stat(root.control / name)
         except FileNotFoundError:

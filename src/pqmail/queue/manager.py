@@ -3,7 +3,8 @@
 What it does: takes committed messages from ``queue/todo``, rewrites their recipients once
 (envnoathost, percenthack, locals, virtualdomains: routing.rewrite_recipient) and records them in
 ``info``/``local``/``remote``; delivers local recipients concurrently (up to ``concurrencylocal``)
-as the uid/gid users/assign names (lspawn.Spawner); retries deferrals on qmail's schedule until
+as the uid/gid users/assign names (lspawn.Spawner) and remote ones (up to ``concurrencyremote``)
+through pqmail.remote; retries deferrals on qmail's schedule until
 ``queuelifetime``; collects permanent failures and sends one QSBMF bounce per message when the
 message is finished; then removes the message.
 
@@ -17,8 +18,8 @@ exclusive lock on ``queue/lock/sendmutex``).
 
 Wake-ups: a byte on the ``queue/lock/trigger`` FIFO (``F`` also means "retry everything now", which is
 what ``pqmail queue flush`` sends), the next retry time, SIGALRM (flush), SIGHUP (reload control and
-users/cdb), SIGTERM/SIGINT (finish deliveries in flight, then exit). Remote recipients stay queued,
-marked remote, until remote delivery is configured.
+users/cdb), SIGTERM/SIGINT (finish deliveries in flight, then exit); a changed control/ file is
+noticed within a second and re-read as on SIGHUP.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from pathlib import Path
 from pqmail import routing
 from pqmail.config.assign import UsersDB
 from pqmail.config.casefold import ascii_lower
-from pqmail.config.control import Control, load_control
+from pqmail.config.control import Control, control_stamp, load_control
 from pqmail.errors import ConfigError, PqmailError, UsageError
 from pqmail.local.deliver import LocalJob, LocalResult
 from pqmail.paths import Root
@@ -91,6 +92,8 @@ class Manager:
         self.drain = drain
         self.log = log or _BufferedLog()
         self.queue = Queue(root.queue)
+        self._stamp = control_stamp(root)
+        self._stamp_checked = time.time()
         self.control: Control = load_control(root)
         self.users = UsersDB(root)
         self.default_delivery = _read_default_delivery(root)
@@ -154,6 +157,7 @@ class Manager:
         try:
             while True:
                 now = time.time()
+                self._reload_if_changed(now)
                 if self.todo_wanted or now - last_scan >= IDLE_RESCAN:
                     self.todo_wanted = False
                     last_scan = now
@@ -209,6 +213,20 @@ class Manager:
             self.log("status: stopping after deliveries in flight")
         self.stopping = True
         self._poke()
+
+    def _reload_if_changed(self, now: float) -> None:
+        """Re-read control/ when a file changed (checked at most once a second): a domain that
+        ``pqmail domain add`` just made virtual is routed as such without a SIGHUP."""
+        if now - self._stamp_checked < 1.0:
+            return
+        self._stamp_checked = now
+        try:
+            stamp = control_stamp(self.root)
+        except ConfigError:
+            return
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._reload()
 
     def _reload(self) -> None:
         try:

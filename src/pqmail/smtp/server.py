@@ -62,6 +62,7 @@ from pqmail.config.control import control_stamp
 from pqmail.errors import ConfigError, PermanentFailure, PqmailError, TemporaryFailure
 from pqmail.passwords import PasswordStore, hash_password, verify_password
 from pqmail.paths import Root
+from pqmail.pop3.auth import verify_secret
 from pqmail.queue.store import Queue
 from pqmail.serialmail.etrn import handle_etrn
 from pqmail.smtp import policy as pol
@@ -374,7 +375,7 @@ class SmtpService:
         with self._auth_lock:
             if self._auth_cache.get(key, 0.0) > now:
                 return True
-        if not verify_password(stored, password):
+        if not verify_secret(stored, password):  # argon2id, crypt(3), bcrypt, {PLAIN}: as POP3
             return False
         with self._auth_lock:
             if len(self._auth_cache) > 4096:

@@ -248,6 +248,10 @@ def test_atrn_turns_the_connection_and_delivers(tree):
     sink.wait_for(lambda s: len(s.messages) == 3)
     assert [m.rcpts for m in sink.messages] == [[f"u{n}@{DOMAIN}"] for n in range(3)]
     assert scan(d / "Maildir") == []
+    deadline = time.monotonic() + 30
+    while read_last_transfer(d) is None:  # written when the server's side of the turn ends
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     assert read_last_transfer(d).status == "ok"
     # nothing left: 453; another customer's domain: 450; wrong password: 535
     seen = asyncio.run(_with_server(root, lambda port: _customer(port, sink.port, plain, b"ATRN")))

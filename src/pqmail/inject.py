@@ -40,8 +40,8 @@ from collections.abc import Callable, Iterator, Mapping
 from io import BufferedIOBase
 from typing import NamedTuple
 
+from pqmail.addresses import inject_qualify
 from pqmail.errors import PermanentFailure, TemporaryFailure
-from pqmail.routing import inject_qualify
 
 PREREAD = 1 << 18  # a body up to this size is read whole and written with one writev
 _ENC = ("utf-8", "surrogateescape")

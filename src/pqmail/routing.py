@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from pqmail.addresses import inject_qualify as inject_qualify  # re-exported
+from pqmail.addresses import split_address
 from pqmail.config.casefold import ascii_lower
 
 if TYPE_CHECKING:
@@ -66,12 +68,6 @@ class Rewrite:
     key: str | None = None
     prefix: str | None = None
     steps: tuple[str, ...] = ()
-
-
-def split_address(addr: str) -> tuple[str, str]:
-    """(local part, domain) split at the **last** ``@``; an address without ``@`` has domain ``""``."""
-    at = addr.rfind("@")
-    return (addr, "") if at < 0 else (addr[:at], addr[at + 1:])
 
 
 def vdom_keys(addr: str) -> list[str]:
@@ -154,33 +150,6 @@ def verp_expand(sender: str, recipient: str) -> str:
     if j < 0 or k < 0:
         return sender
     return f"{body[:j]}{recipient[:k]}={recipient[k + 1:]}@{body[j + 1:]}"
-
-
-def inject_qualify(addr: str, defaulthost: str, defaultdomain: str, plusdomain: str) -> str:
-    """qmail-inject's ``rwgeneric`` for one plain address (§1); only inject applies it.
-
-    ``<>`` and ``x@[]`` stay as they are. A final ``.`` and then a final ``@`` are dropped. Then, in
-    order: no ``@`` gets ``@defaulthost``; a host ending in ``+`` loses it and gets ``.plusdomain``;
-    a host that still has no dot and is not a ``[literal]`` gets ``.defaultdomain``. The caller
-    resolves the QMAILDEFAULTHOST/QMAILPLUSDOMAIN/QMAILDEFAULTDOMAIN overrides first. qmail works on
-    RFC 822 tokens; this works on the address text, so comments and source routes must be gone.
-    """
-    if addr == "" or addr.endswith("@[]"):
-        return addr
-    if addr.endswith("."):
-        addr = addr[:-1]
-    if addr.endswith("@"):
-        addr = addr[:-1]
-    if addr == "":
-        return ""
-    if "@" not in addr:
-        addr = f"{addr}@{defaulthost}"
-    local, host = split_address(addr)
-    if host.endswith("+"):
-        host = f"{host[:-1]}.{plusdomain}"
-    if "." not in host and not (host.startswith("[") and host.endswith("]")):
-        host = f"{host}.{defaultdomain}"
-    return f"{local}@{host}"
 
 
 # ----------------------------------------------------------------------------- qmail-local qmesearch()

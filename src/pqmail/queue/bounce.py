@@ -6,19 +6,12 @@ message. The queue manager stores the paragraphs durably and injects the result.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
+
+from pqmail.addresses import date822 as date822  # re-exported: bounces and the queue share it
 
 DOUBLE_BOUNCE_SENDER = "#@[]"
 TOO_LONG = "I'm not going to try again; this message has been in the queue too long."
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def date822(when: float | None = None) -> str:
-    """qmail's date822fmt: ``24 Nov 2026 23:59:59 -0000`` (UTC, day not padded)."""
-    t = time.gmtime(time.time() if when is None else when)
-    return (f"{t.tm_mday} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
-            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} -0000")
 
 
 def paragraph(recipient: str, report: str) -> bytes:

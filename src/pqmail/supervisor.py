@@ -176,8 +176,13 @@ class Supervisor:
                 os.close(self.sig_r)
                 os.close(self.sig_w)
                 signal.set_wakeup_fd(-1)
-                for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGALRM):
+                for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
+                # A reload or flush forwarded while the service starts must not kill it (their default
+                # action) before it installs its own handlers; a handler, unlike SIG_IGN, is reset by
+                # exec, so programs the service runs still get the default.
+                for sig in (signal.SIGHUP, signal.SIGALRM):
+                    signal.signal(sig, _ignore)
                 os.dup2(w, 1)
                 os.dup2(w, 2)
                 os.close(w)
@@ -291,6 +296,10 @@ class Supervisor:
             self.sel.unregister(svc.out_fd)
             os.close(svc.out_fd)
             svc.out_fd = -1
+
+
+def _ignore(_signum: int, _frame: object) -> None:
+    pass
 
 
 def _kill(pid: int, sig: int) -> None:

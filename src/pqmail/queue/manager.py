@@ -77,6 +77,7 @@ class _Msg:
     settled: bool = True
     records: dict | None = None
     settling: bool = False  # its files are being written: it must not be removed meanwhile
+    finishing: bool = False  # being removed: it must not be settled meanwhile (its id may be reused)
 
     @property
     def remote_pending(self) -> int:
@@ -381,6 +382,7 @@ class Manager:
                 if not m.remote_pending and not m.remote_in_flight and not m.settling:
                     m.next_local = float("inf")
                     m.in_flight = 1
+                    m.finishing = True
                     self.in_flight += 1
                     self._spawn(self._finish(m))
                 else:
@@ -494,7 +496,9 @@ class Manager:
                 and not self.stopping:
             return
         batch, self._unsettled = self._unsettled, []
-        msgs = [self.msgs[mid] for mid in batch if mid in self.msgs]  # finished ones are gone whole
+        # finished (or finishing) ones are gone whole: settling one would write its files after
+        # its removal, and drop the todo/ entry of a new message that got its id (inode) meanwhile
+        msgs = [m for mid in batch if (m := self.msgs.get(mid)) is not None and not m.finishing]
         if not msgs:
             return
         self._settling = True
@@ -505,10 +509,14 @@ class Manager:
             loop = asyncio.get_running_loop()
             try:
                 written = await loop.run_in_executor(None, self.queue.settle, self._settle_entries(msgs))
+                # Records done while the files were written are marked before the messages may
+                # finish: once a message is removed, its id (an inode) can name a new message.
+                late = self._settled(msgs, written)
+                if late:
+                    await loop.run_in_executor(None, self._mark_late, late)
             except OSError as e:
                 self.log(f"warning: cannot settle {len(msgs)} preprocessed message(s): {e}; will retry")
-                self._unsettled.extend(m.id for m in msgs)
-                return
+                self._unsettled.extend(m.id for m in msgs if not m.settled)
             finally:
                 self._settling = False
                 self._unsettled_since = time.time()
@@ -517,9 +525,6 @@ class Manager:
                     if not m.local and not m.remote and not m.in_flight and not m.remote_in_flight:
                         self._schedule(m, 0.0)  # finished while its files were written
                 self._poke()
-            late = self._settled(msgs, written)
-            if late:
-                await loop.run_in_executor(None, self._mark_late, late)
 
         self._spawn(settle())
 
@@ -678,6 +683,7 @@ class Manager:
             self._schedule(m, time.time() + 60)
         finally:
             m.in_flight = 0
+            m.finishing = False
             self.in_flight -= 1
             self._poke()
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import os
 import signal
@@ -159,13 +160,18 @@ class Spawner:
     in the calling thread, and a job for any other uid is deferred with a clear report.
     """
 
-    def __init__(self, threads_per_worker: int = 20, log: Callable[[str], None] | None = None) -> None:
-        self.threads = threads_per_worker
+    def __init__(self, threads_per_worker: int = 20, log: Callable[[str], None] | None = None,
+                 workers_per_uid: int = 1) -> None:
+        # Several processes per uid spread deliveries over the cores: one interpreter's threads
+        # would share one GIL (and spend their time handing it over).
+        self.procs = max(1, workers_per_uid)
+        self.threads = max(1, -(-threads_per_worker // self.procs))
+        self._rr = itertools.count()
         self.log = log or (lambda s: None)
         self.privileged = os.geteuid() == 0
         self._ctl: socket.socket | None = None
         self._ctl_lock = threading.Lock()
-        self._workers: dict[tuple[int, int], _Worker] = {}
+        self._workers: dict[tuple[int, int, int], _Worker] = {}
         self._workers_lock = threading.Lock()
         self._ids = iter(range(1, 1 << 62))
         self._zygote_pid = 0
@@ -283,7 +289,7 @@ class Spawner:
             fut.set_result(_result_from_wire(d))
 
     def _worker(self, uid: int, gid: int, loop: asyncio.AbstractEventLoop | None = None) -> _Worker:
-        key = (uid, gid)
+        key = (uid, gid, next(self._rr) % self.procs)
         with self._workers_lock:
             w = self._workers.get(key)
             if w is not None and w.alive:

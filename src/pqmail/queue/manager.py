@@ -51,7 +51,6 @@ from pqmail.remote.deliver import RemoteEngine
 
 IDLE_RESCAN = 25 * 60  # qmail-send looks at todo/ at least every 25 minutes
 SETTLE_AFTER = 5.0  # seconds a preprocessed message may rely on todo/ before its files are fsync'd
-SETTLE_BATCH = 2048
 PREPROCESS_WINDOW = 1000  # local deliveries waiting for a slot, at most
 
 
@@ -98,18 +97,20 @@ class Manager:
         self.control: Control = load_control(root)
         self.users = UsersDB(root)
         self.default_delivery = _read_default_delivery(root)
-        self.spawner = Spawner(threads_per_worker=max(1, self.control.concurrencylocal), log=self.log)
+        self.spawner = Spawner(threads_per_worker=max(1, self.control.concurrencylocal), log=self.log,
+                               workers_per_uid=min(4, os.cpu_count() or 1))
         self.msgs: dict[int, _Msg] = {}
         # (time, id): when each message's local records are next due; stale entries are skipped
         self._heap: list[tuple[float, int]] = []
-        self._unsettled: list[int] = []  # preprocessed, but todo/ is still their durable record
-        self._unsettled_since = 0.0
+        # (when preprocessed, id), oldest first: todo/ is still their durable record
+        self._unsettled: deque[tuple[float, int]] = deque()
         self._settling = False
         self.ready: deque[tuple[_Msg, object]] = deque()
         self.in_flight = 0
         self._rheap: list[tuple[float, int]] = []  # like _heap, for remote records
         self.rready: deque[tuple[_Msg, str, str, list]] = deque()  # (msg, host, sender, records)
         self.r_in_flight = 0
+        self._to_finish: list[_Msg] = []  # finished messages whose files go in the next batch
         self.remote_engine = RemoteEngine(lambda: self.control, root)
         self.delivery_ids = itertools.count(1)
         self.stopping = False
@@ -166,6 +167,7 @@ class Manager:
                     now = time.time()
                 if not self.stopping:
                     self._queue_due(now)
+                    self._start_finishes()
                     self._dispatch()
                     self._queue_due_remote(now)
                     self._dispatch_remote()
@@ -195,7 +197,7 @@ class Manager:
             for t in list(self._tasks):
                 await asyncio.gather(t, return_exceptions=True)
             await self.remote_engine.close()
-            rest = [self.msgs[mid] for mid in self._unsettled if mid in self.msgs]
+            rest = [self.msgs[mid] for _, mid in self._unsettled if mid in self.msgs]
             if rest:
                 self._mark_late(self._settled(rest, self.queue.settle(self._settle_entries(rest))))
             self._save_retry_times()
@@ -333,9 +335,7 @@ class Manager:
                     self._schedule(m, 0.0)
                     if m.remote:
                         self._schedule_remote(m, 0.0)
-                    if not self._unsettled:
-                        self._unsettled_since = now
-                    self._unsettled.append(m.id)
+                    self._unsettled.append((now, m.id))
 
     def _preprocess(self, mid: int) -> _Msg | None:
         try:
@@ -384,7 +384,7 @@ class Manager:
                     m.in_flight = 1
                     m.finishing = True
                     self.in_flight += 1
-                    self._spawn(self._finish(m))
+                    self._to_finish.append(m)
                 else:
                     m.next_local = float("inf")  # waits for remote delivery
                 continue
@@ -492,13 +492,18 @@ class Manager:
         """Write the files of preprocessed messages still alive, then drop their todo/ names."""
         if self._settling or not self._unsettled:
             return
-        if len(self._unsettled) < SETTLE_BATCH and now - self._unsettled_since < SETTLE_AFTER \
-                and not self.stopping:
-            return
-        batch, self._unsettled = self._unsettled, []
-        # finished (or finishing) ones are gone whole: settling one would write its files after
-        # its removal, and drop the todo/ entry of a new message that got its id (inode) meanwhile
-        msgs = [m for mid in batch if (m := self.msgs.get(mid)) is not None and not m.finishing]
+        # Only messages still alive SETTLE_AFTER seconds after preprocessing: most are finished
+        # by then, and a finished message is removed whole, with nothing to write.
+        limit = float("inf") if self.stopping else now - SETTLE_AFTER
+        unsettled = self._unsettled
+        msgs: list[_Msg] = []
+        while unsettled and unsettled[0][0] <= limit:
+            _, mid = unsettled.popleft()
+            m = self.msgs.get(mid)
+            # a finishing one is going whole: settling it would write its files after its removal,
+            # and drop the todo/ entry of a new message that got its id (inode) meanwhile
+            if m is not None and not m.finishing and not m.settled:
+                msgs.append(m)
         if not msgs:
             return
         self._settling = True
@@ -516,10 +521,9 @@ class Manager:
                     await loop.run_in_executor(None, self._mark_late, late)
             except OSError as e:
                 self.log(f"warning: cannot settle {len(msgs)} preprocessed message(s): {e}; will retry")
-                self._unsettled.extend(m.id for m in msgs if not m.settled)
+                self._unsettled.extendleft((0.0, m.id) for m in msgs if not m.settled)
             finally:
                 self._settling = False
-                self._unsettled_since = time.time()
                 for m in msgs:
                     m.settling = False
                     if not m.local and not m.remote and not m.in_flight and not m.remote_in_flight:
@@ -671,21 +675,37 @@ class Manager:
 
     # ------------------------------------------------------------------ finishing
 
-    async def _finish(self, m: _Msg) -> None:
+    def _start_finishes(self) -> None:
+        if self._to_finish:
+            batch, self._to_finish = self._to_finish, []
+            self._spawn(self._finish(batch))
+
+    async def _finish(self, batch: list[_Msg]) -> None:
+        """Bounce (if any) and remove finished messages: one thread hand-off for the whole batch."""
         loop = asyncio.get_running_loop()
-        try:
-            # unlinks wait for the journal while deliveries fsync: never on the loop's thread
-            await loop.run_in_executor(None, self._finish_blocking, m)
-            self.msgs.pop(m.id, None)
-        except (OSError, PqmailError) as e:
-            self.log(f"warning: msg {m.id}: cannot finish yet ({e}); will retry")
-            m.in_flight = 0
-            self._schedule(m, time.time() + 60)
-        finally:
+        # unlinks wait for the journal while deliveries fsync: never on the loop's thread
+        outcomes = await loop.run_in_executor(None, self._finish_many, batch)
+        for m, error in zip(batch, outcomes, strict=True):
+            if error is None:
+                self.msgs.pop(m.id, None)
+            else:
+                self.log(f"warning: msg {m.id}: cannot finish yet ({error}); will retry")
             m.in_flight = 0
             m.finishing = False
             self.in_flight -= 1
-            self._poke()
+            if error is not None:
+                self._schedule(m, time.time() + 60)
+        self._poke()
+
+    def _finish_many(self, batch: list[_Msg]) -> list[Exception | None]:
+        out: list[Exception | None] = []
+        for m in batch:
+            try:
+                self._finish_blocking(m)
+                out.append(None)
+            except (OSError, PqmailError) as e:
+                out.append(e)
+        return out
 
     def _finish_blocking(self, m: _Msg) -> None:
         paragraphs = self.queue.read_bounce(m.id)

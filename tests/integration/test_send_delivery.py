@@ -108,3 +108,32 @@ def test_deferred_delivery_stays_queued_and_drain_exits(seed):
     listing = run_pqmail("queue", "--root", str(root)).stdout.decode()
     assert "example.com-later@example.com" in listing and "next attempt in" in listing
     assert run_pqmail("queue", "stat", "--root", str(root)).stdout.startswith(b"messages in queue: 1")
+
+
+def test_running_send_picks_up_a_new_domain_without_sighup(seed):
+    import subprocess
+    import time
+
+    from conftest import PQMAIL
+
+    root = seed["root"]
+    log = seed["root"] / "send.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*PQMAIL, "send", "--root", str(root)], stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 30
+        while b"status: local" not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)  # polling the log for the observable event
+        run_pqmail("domain", "add", "new.test", "--handle", "ex1", "--root", str(root))
+        _inject(root, "postmaster@new.test", body="to the new domain\n")
+        box = seed["pop"] / "ex1-0000" / "new"
+        deadline = time.monotonic() + 60
+        while not any(b"Delivered-To: new.test-postmaster@new.test\n" in p.read_bytes()
+                      for p in box.iterdir()):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        assert "control files reloaded" in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

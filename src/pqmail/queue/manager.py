@@ -92,7 +92,7 @@ class Manager:
         self.drain = drain
         self.log = log or _BufferedLog()
         self.queue = Queue(root.queue)
-        self._stamp = control_stamp(root)
+        self._stamp = (control_stamp(root), _mtime(root.control_file("defaultdelivery")))
         self._stamp_checked = time.time()
         self.control: Control = load_control(root)
         self.users = UsersDB(root)
@@ -217,15 +217,16 @@ class Manager:
         self.stopping = True
         self._poke()
 
-    def _reload_if_changed(self, now: float) -> None:
-        """Re-read control/ when a file changed (checked at most once a second): a domain that
-        ``pqmail domain add`` just made virtual is routed as such without a SIGHUP."""
-        if now - self._stamp_checked < 1.0:
+    def _reload_if_changed(self, now: float, force: bool = False) -> None:
+        """Re-read control/ when a file changed (checked at most once a second, and before new
+        messages are preprocessed): a domain that ``pqmail domain add`` just made virtual is routed
+        as such without a SIGHUP."""
+        if now - self._stamp_checked < 1.0 and not force:
             return
         self._stamp_checked = now
         try:
-            stamp = control_stamp(self.root)
-        except ConfigError:
+            stamp = (control_stamp(self.root), _mtime(self.root.control_file("defaultdelivery")))
+        except (ConfigError, OSError):
             return
         if stamp != self._stamp:
             self._stamp = stamp
@@ -327,6 +328,7 @@ class Manager:
             ids = ids[:room]
             self.todo_wanted = True
         if ids:
+            self._reload_if_changed(time.time(), force=True)
             done = await loop.run_in_executor(None, lambda: [self._preprocess(i) for i in ids])
             now = time.time()
             for m in done:
@@ -744,6 +746,13 @@ def _getpw(local: str):
     if entry is None:
         return "Sorry, no account for that address and no alias user. (#4.3.0)"
     return entry
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 def _read_default_delivery(root: Root) -> str:

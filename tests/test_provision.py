@@ -463,3 +463,26 @@ def test_dialup_list_shows_waiting_mail_and_last_transfer(seed):
     out = run_pqmail("dialup", "list", "--root", str(seed["root"]), env={"COLUMNS": "250"}).stdout.decode()
     row = next(line for line in out.splitlines() if "some.example.com" in line)
     assert " 1 " in row and "deferred" in row and "0m" in row
+
+
+def test_box_import_takes_existing_hashes_all_or_nothing(seed, mailtmp):
+    from pqmail.passwords import PasswordStore
+    from pqmail.pop3.auth import verify_secret
+
+    root = seed["root"]
+    store = PasswordStore(root)
+    md5 = "$1$saltsalt$9xy1btjgzLYfb7hivXtC//"  # openssl passwd -1 -salt saltsalt secret
+    bad = mailtmp / "bad.txt"
+    bad.write_text(f"ex1-0000:{md5}\nex1-0001:nonsense\n")
+    p = run_pqmail("box", "import", str(bad), "--root", str(root), check=False)
+    assert p.returncode == 100 and f"{bad}:2: unsupported hash" in p.stderr.decode()
+    assert not verify_secret(store.get("ex1-0000")[0], "secret")  # nothing changed
+    good = mailtmp / "good.txt"
+    good.write_text(f"# from vpopmail\n\nex1-0000:{md5}\nex1-0001:{{PLAIN}}joes\n")
+    out = run_pqmail("box", "import", str(good), "--root", str(root)).stdout.decode()
+    assert "imported 2 password hash(es)" in out
+    assert verify_secret(store.get("ex1-0000")[0], "secret")
+    assert verify_secret(store.get("ex1-0001")[0], "joes")
+    assert store.get("ex1-0001")[1] == str(seed["pop"] / "ex1-0001")
+    p = run_pqmail("box", "import", "-", "--root", str(root), input=b"ghost-0009:$6$x$y\n", check=False)
+    assert p.returncode == 100 and "no box 'ghost-0009' here" in p.stderr.decode()

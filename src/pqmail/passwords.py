@@ -176,24 +176,28 @@ class PasswordStore:
 
     def set(self, box: str, hash: str, maildir: str | os.PathLike[str]) -> None:
         """Add ``box`` or replace its line in place (later duplicates of it are dropped); recompile."""
-        maildir = os.fspath(maildir)
-        _check_field("box", box)
-        _check_field("hash", hash)
-        _check_field("maildir", maildir, allow_colon=True)
-        new = _Line(f"{box}:{hash}:{maildir}", box)
+        self.set_many([(box, hash, maildir)])
+
+    def set_many(self, entries: list[tuple[str, str, str | os.PathLike[str]]]) -> None:
+        """:meth:`set` for many boxes at once: one rewrite and one recompile (bulk imports)."""
+        new: dict[str, _Line] = {}
+        for box, hash, maildir in entries:
+            maildir = os.fspath(maildir)
+            _check_field("box", box)
+            _check_field("hash", hash)
+            _check_field("maildir", maildir, allow_colon=True)
+            new[box] = _Line(f"{box}:{hash}:{maildir}", box)
         with self._locked():
-            lines = self._read()
             out: list[_Line] = []
-            placed = False
-            for ln in lines:
-                if ln.box == box:
-                    if not placed:
-                        out.append(new)
-                        placed = True
+            placed: set[str] = set()
+            for ln in self._read():
+                if ln.box in new:
+                    if ln.box not in placed:
+                        out.append(new[ln.box])
+                        placed.add(ln.box)
                     continue
                 out.append(ln)
-            if not placed:
-                out.append(new)
+            out.extend(line for box, line in new.items() if box not in placed)
             self._save(out)
 
     def remove(self, box: str) -> bool:

@@ -58,3 +58,18 @@ def read_password(password_file: str | None, random_password: bool,
     if not line:
         raise UsageError(f"no password in {where} (its first line is empty)")
     return os.fsdecode(line), False
+
+
+def password_store_ids(root: Root) -> tuple[int | None, int | None]:
+    """uid/gid that users/poppasswd has now, so that root's edits keep it readable by the mail user."""
+    import os
+
+    if os.geteuid() != 0:
+        return None, None
+    for p in (root.users / "poppasswd.cdb", root.users / "poppasswd", root.users):
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            continue
+        return st.st_uid, st.st_gid
+    return None, None

@@ -8,28 +8,13 @@ can still read the cdb when root runs this.
 
 from __future__ import annotations
 
-import os
-
 import click
 
-from pqmail.cli.common import read_password, root_option
+from pqmail.cli.common import password_store_ids, read_password, root_option
 from pqmail.errors import UsageError
 from pqmail.paths import Root
 
 CTX = {"help_option_names": ["-h", "--help"]}
-
-
-def _file_owner(root: Root) -> tuple[int | None, int | None]:
-    """uid/gid the store's files have now (root keeps them; others cannot chown anyway)."""
-    if os.geteuid() != 0:
-        return None, None
-    for p in (root.users / "poppasswd.cdb", root.users / "poppasswd"):
-        try:
-            st = os.stat(p)
-        except FileNotFoundError:
-            continue
-        return st.st_uid, st.st_gid
-    return None, None
 
 
 @click.command(context_settings=CTX)
@@ -53,7 +38,7 @@ def passwd(box: str, password_file: str | None, random_password: bool, hashed: s
     from pqmail.passwords import PasswordStore, hash_password
     from pqmail.pop3.auth import scheme_of
 
-    store = PasswordStore(root, *_file_owner(root))
+    store = PasswordStore(root, *password_store_ids(root))
     current = store.get(box)
     if current is None:
         raise UsageError(f"no such box {box!r} in {store.cdb_path}")

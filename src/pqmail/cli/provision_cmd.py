@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import click
 
-from pqmail.cli.common import read_password, root_option
+from pqmail.cli.common import password_store_ids, read_password, root_option
 from pqmail.errors import UsageError
 from pqmail.paths import Root
 
@@ -168,6 +168,62 @@ def box_list(handle: str, root: Root) -> None:
         note += "" if b.has_password else " (no password)"
         rows.append((b.box + note, b.new, b.cur, _size(b.size), ", ".join(b.aliases) or "-"))
     _table(f"boxes of {handle}", ("box", "new", "cur", "size", "addresses"), rows)
+
+
+@box.command("import", context_settings=CTX)
+@click.argument("file", metavar="FILE")
+@root_option
+def box_import(file: str, root: Root) -> None:
+    """Import password hashes from FILE ('-': stdin), e.g. from vpopmail or a passwd-file installation.
+
+    \b
+    One box a line, `BOX:HASH` or `BOX:HASH:MAILDIR`; blank lines and lines
+    starting with # are skipped. HASH is stored as it is: argon2id, $1$ (MD5-
+    crypt), $5$/$6$ (SHA-crypt), $2a$/$2b$/$2y$ (bcrypt) or {PLAIN}secret; the
+    POP3 server and SMTP AUTH verify all of them. Without MAIDIR the box must
+    exist already (its Maildir is kept); with it, the Maildir must exist.
+    Nothing is changed unless every line is valid: an error names FILE:LINE.
+    Everything is written in one atomic rewrite of users/poppasswd and its cdb.
+
+    \b
+    Exit status: 0 done; 100 bad input; 111 system error.
+    """
+    from pqmail.maildir import is_maildir
+    from pqmail.passwords import PasswordStore
+    from pqmail.pop3.auth import scheme_of
+
+    try:
+        if file == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(file, "rb") as f:
+                data = f.read()
+    except OSError as e:
+        raise UsageError(f"{file}: cannot read: {e.strerror or e}") from None
+    store = PasswordStore(root, *password_store_ids(root))
+    entries = []
+    for n, raw in enumerate(data.decode("utf-8", "surrogateescape").splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        box, _, rest = line.partition(":")
+        hashed, _, maildir = rest.partition(":")
+        where = f"{file}:{n}"
+        if not box or not hashed:
+            raise UsageError(f"{where}: expected BOX:HASH[:MAILDIR]")
+        if scheme_of(hashed) == "unknown":
+            raise UsageError(f"{where}: unsupported hash {hashed[:12]!r}...: want $argon2id$, $1$, $5$, "
+                             "$6$, $2b$ or {PLAIN}")
+        if not maildir:
+            current = store.get(box)
+            if current is None:
+                raise UsageError(f"{where}: no box {box!r} here; give its Maildir as a third field")
+            maildir = current[1]
+        elif not is_maildir(maildir):
+            raise UsageError(f"{where}: {maildir} is not a Maildir")
+        entries.append((box, hashed, maildir))
+    store.set_many(entries)
+    click.echo(f"imported {len(entries)} password hash(es) into {store.path}")
 
 
 @box.command("remove", context_settings=CTX)

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from pqmail.cli.common import read_password, root_option
+from pqmail.cli.common import password_store_ids, read_password, root_option
 from pqmail.errors import UsageError
 from pqmail.paths import Root
 
@@ -150,19 +150,6 @@ def odmrd_cmd(listen: tuple[str, ...], root: Root) -> None:
     serve_odmr_listeners(root, socks)
 
 
-def _store_owner(root: Root) -> tuple[int | None, int | None]:
-    """Keep users/poppasswd owned as it is (root may run this; the mail user must still read it)."""
-    if os.geteuid() != 0:
-        return None, None
-    for p in (root.users / "poppasswd.cdb", root.users / "poppasswd", root.users):
-        try:
-            st = os.stat(p)
-        except FileNotFoundError:
-            continue
-        return st.st_uid, st.st_gid
-    return None, None
-
-
 @serialmail.command("passwd", context_settings=CTX)
 @click.argument("domain", metavar="DOMAIN")
 @click.option("--password-file", metavar="F", help="Read the password from the first line of F ('-': stdin).")
@@ -193,7 +180,7 @@ def passwd_cmd(domain: str, password_file: str | None, random_password: bool, ha
     if any(c in password for c in "\0\r\n") or (not hashed and ":" in password):
         raise UsageError("invalid password: contains a NUL, CR or LF (or ':', which only --hashed allows)")
     stored = hash_password(password) if hashed else "{PLAIN}" + password
-    PasswordStore(root, *_store_owner(root)).set(d, stored, found[0].dir / "Maildir")
+    PasswordStore(root, *password_store_ids(root)).set(d, stored, found[0].dir / "Maildir")
     click.echo(f"{d} {password}" if generated else f"{d}: password set")
 
 

@@ -134,6 +134,32 @@ def _stderr_log(line: str) -> None:
         pass
 
 
+class _LoopLog:
+    """Log lines gathered during one pass of the event loop and written to stderr together.
+
+    Two lines a message (session, msg accepted) otherwise cost two writes to the supervisor's pipe
+    each; here a busy loop writes once per pass. Lines from other threads go through the loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.thread = threading.get_ident()
+        self.lines: list[str] = []
+
+    def __call__(self, line: str) -> None:
+        if threading.get_ident() != self.thread:  # a worker thread (auth, enqueue): hand it over
+            self.loop.call_soon_threadsafe(self, line)
+            return
+        if not self.lines:
+            self.loop.call_soon(self.flush)
+        self.lines.append(line)
+
+    def flush(self) -> None:
+        lines, self.lines = self.lines, []
+        if lines:
+            _stderr_log("\n".join(lines))
+
+
 # ----------------------------------------------------------------------------- TLS
 
 _HOSTNAME = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*")
@@ -1022,8 +1048,10 @@ def _exception_handler(log: Callable[[str], None]) -> Callable[[asyncio.Abstract
 
 
 async def _serve(root: Root, listeners: Iterable[tuple[str, socket.socket]],
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None] | None) -> None:
     loop = asyncio.get_running_loop()
+    if log is None:
+        log = _LoopLog(loop)
     loop.set_exception_handler(_exception_handler(log))
     service = SmtpService(root, log)
     listeners = list(listeners)
@@ -1043,6 +1071,8 @@ async def _serve(root: Root, listeners: Iterable[tuple[str, socket.socket]],
         servers.append(await loop.create_server(
             lambda kind=kind: QmailSMTP(service, kind, loop), sock=sock, ssl=tls, backlog=1024,
             ssl_handshake_timeout=handshake if tls else None))
+    if isinstance(log, _LoopLog):
+        log.flush()  # the start-up lines, before anything can go wrong
     if not servers:
         raise ConfigError(str(root.control_file("servercert.pem")), "missing; no listener can serve")
 
@@ -1067,6 +1097,8 @@ async def _serve(root: Root, listeners: Iterable[tuple[str, socket.socket]],
         await asyncio.gather(*service.inflight, return_exceptions=True)
     await asyncio.sleep(0)  # let connection_lost callbacks log their sessions
     service.close()
+    if isinstance(log, _LoopLog):
+        log.flush()
 
 
 def serve_listeners(root: Root | str | os.PathLike[str], listeners: Iterable[tuple[str, socket.socket]],
@@ -1079,4 +1111,4 @@ def serve_listeners(root: Root | str | os.PathLike[str], listeners: Iterable[tup
     """
     root = root if isinstance(root, Root) else Root(root)
     _quiet_aiosmtpd()
-    asyncio.run(_serve(root, listeners, log or _stderr_log))
+    asyncio.run(_serve(root, listeners, log))

@@ -94,6 +94,7 @@ class Manager:
         self.queue = Queue(root.queue)
         self._stamp = (control_stamp(root), _mtime(root.control_file("defaultdelivery")))
         self._stamp_checked = time.time()
+        self._dir_mtime = os.stat(root.control).st_mtime_ns if root.control.is_dir() else 0
         self.control: Control = load_control(root)
         self.users = UsersDB(root)
         self.default_delivery = _read_default_delivery(root)
@@ -221,9 +222,22 @@ class Manager:
         """Re-read control/ when a file changed (checked at most once a second, and before new
         messages are preprocessed): a domain that ``pqmail domain add`` just made virtual is routed
         as such without a SIGHUP."""
-        if now - self._stamp_checked < 1.0 and not force:
+        if force and now - self._stamp_checked < 1.0:
+            # Between full checks, one stat: provisioning replaces files by rename, which changes
+            # the directory's mtime; an in-place edit is caught by the next full check.
+            try:
+                dir_mtime = os.stat(self.root.control).st_mtime_ns
+            except OSError:
+                return
+            if dir_mtime == self._dir_mtime:
+                return
+        elif now - self._stamp_checked < 1.0:
             return
         self._stamp_checked = now
+        try:
+            self._dir_mtime = os.stat(self.root.control).st_mtime_ns
+        except OSError:
+            pass
         try:
             stamp = (control_stamp(self.root), _mtime(self.root.control_file("defaultdelivery")))
         except (ConfigError, OSError):

@@ -52,6 +52,7 @@ from pqmail.remote.deliver import RemoteEngine
 IDLE_RESCAN = 25 * 60  # qmail-send looks at todo/ at least every 25 minutes
 SETTLE_AFTER = 5.0  # seconds a preprocessed message may rely on todo/ before its files are fsync'd
 PREPROCESS_WINDOW = 1000  # local deliveries waiting for a slot, at most
+INLINE_PREPROCESS = 16  # new messages preprocessed on the loop's thread; more go to a thread
 
 
 def _oneline(text: str) -> str:
@@ -336,14 +337,19 @@ class Manager:
             self.todo_wanted = True  # look again once the ready list has drained
             return
         loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(None, self.queue.list_todo)
+        # Reading todo/ writes nothing (no journal to wait for): a few messages are cheaper here
+        # than two thread hand-offs; a backlog goes to a thread.
+        ids = self.queue.list_todo()
         ids = [i for i in ids if i not in self.msgs]
         if len(ids) > room:
             ids = ids[:room]
             self.todo_wanted = True
         if ids:
             self._reload_if_changed(time.time(), force=True)
-            done = await loop.run_in_executor(None, lambda: [self._preprocess(i) for i in ids])
+            if len(ids) <= INLINE_PREPROCESS:
+                done = [self._preprocess(i) for i in ids]
+            else:
+                done = await loop.run_in_executor(None, lambda: [self._preprocess(i) for i in ids])
             now = time.time()
             for m in done:
                 if m is not None:

@@ -741,3 +741,65 @@ def test_a_session_that_dies_on_rset_is_replaced_without_losing_the_message(root
     results = deliver(root, "order.test", ["ok@order.test"], times=2)
     assert [r.status for [r] in results] == ["K", "K"]
     assert server.sessions == 2 and server.messages == 2
+
+
+# ----------------------------------------------------------------------------- the whole path
+
+def test_backup_mx_accepts_by_smtp_and_hands_to_the_primary(seed, dns_port, sinks):
+    """backup.test is in rcpthosts only (not local, not virtual): pqmail is its MX at preference 20.
+
+    smtpd accepts the mail; pqmail send defers it while the primary (preference 10) is down, never
+    delivering to itself; once the primary answers, a flush hands the message over.
+    """
+    import smtplib
+
+    from conftest import PQMAIL, run_pqmail
+
+    root: Path = seed["root"]
+    control = root / "control"
+    with open(control / "rcpthosts", "a") as f:
+        f.write("backup.test\n")
+    for name, text in {"resolvers": f"127.0.0.1:{dns_port}", "remoteport": str(sinks.port),
+                       "notipme": "\n".join([*SINK_ADDRESSES, "::1"]), "timeoutconnect": "5",
+                       "timeoutremote": "10"}.items():
+        (control / name).write_text(text + "\n")
+    ourselves = sinks.start("127.0.0.1")  # would catch mail this host sent to itself by MX
+    port = free_port("127.0.0.1")
+    log = root / "servers.log"
+    out = open(log, "wb")  # noqa: SIM115 (closed below)
+    procs = [subprocess.Popen([*PQMAIL, "smtpd", "--root", str(root), "--listen", f"127.0.0.1:{port}"],
+                              stdout=out, stderr=out)]
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.02)  # polling for the port
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+            c.sendmail("alice@remote.example", ["joe@backup.test"], "Subject: via backup\n\nhello\n")
+        first = run_pqmail("send", "--drain", "--root", str(root)).stderr.decode()
+        assert "to remote joe@backup.test" in first and "deferral" in first, first
+        assert "127.0.0.1" not in first.split("deferral", 1)[1].split("\n", 1)[0]
+        assert run_pqmail("queue", "stat", "--root", str(root)).stdout.startswith(b"messages in queue: 1")
+
+        primary = sinks.start("127.0.0.7")
+        procs.append(subprocess.Popen([*PQMAIL, "send", "--root", str(root)], stdout=out, stderr=out))
+        deadline = time.monotonic() + 60
+        while b"status: local" not in log.read_bytes():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)  # polling the log: the queue manager is up
+        run_pqmail("queue", "flush", "--root", str(root))  # qmail's SIGALRM: retry now
+        while not primary.messages:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)  # polling for the observable event: the primary got it
+        msg = primary.messages[0]
+        assert (msg.sender, msg.recipients) == ("alice@remote.example", ["joe@backup.test"])
+        assert ourselves.sessions == []
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=60)
+        out.close()

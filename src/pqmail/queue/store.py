@@ -20,9 +20,9 @@ Layout (qmail-semantics.md §4.1; ``N`` = id mod 23; the id is the inode number 
 
 Making a message safe (§4.2, plus what Linux needs): create ``pid/...`` O_EXCL and flock it; its
 inode is the id; link it to ``mess/N/id`` and unlink the pid name; write the Received line and the
-message; fsync it; fsync ``mess/N/``; write ``intd/id`` and fsync it; link it to ``todo/id`` (the
-commit point); fsync ``todo/``; only then return, after writing one byte to the trigger without
-blocking. A crash before the todo link leaves files that :meth:`Queue.cleanup_stale` removes and
+message, and ``intd/id``; fsync both and ``mess/N/``; link ``intd/id`` to ``todo/id`` (the commit
+point); fsync ``todo/``; only then return, after writing one byte to the trigger without blocking.
+Concurrent enqueue_async calls share these fsyncs (group commit); enqueue is a group of one. A crash before the todo link leaves files that :meth:`Queue.cleanup_stale` removes and
 that are never delivered; after it, the message is whole and will be delivered.
 
 What it trusts: the files under ``queue/`` (only pqmail writes there). What it never does: return
@@ -367,18 +367,10 @@ class Queue:
         Raises PermanentFailure for a bad envelope (no recipients; NUL/LF; over 1002 bytes),
         TemporaryFailure when the queue cannot take it (permissions, disk full, I/O error).
         """
-        pid = os.getpid()
-        envelope = pack_envelope(os.getuid(), pid, sender, list(recipients))
-        if invoked is None:
-            invoked = f"by uid {os.getuid()}"
-        head = received_line(pid, invoked)
-        try:
-            mid = self._commit(pid, head, message, envelope)
-        except OSError as e:
-            raise TemporaryFailure(
-                f"unable to queue the message in {self._dir}: {e.strerror or e}") from None
-        self._trigger(b"\n")
-        return mid
+        [outcome] = self._commit_group([(sender, list(recipients), message, invoked)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     async def enqueue_async(self, sender: str, recipients: list[str], message: Any,
                             invoked: str | None = None) -> int:
@@ -525,45 +517,6 @@ class Queue:
         if pool is not None:
             pool.shutdown(wait=True)
 
-    def _commit(self, pid: int, head: bytes, message: Any, envelope: bytes) -> int:
-        fd, pidname = self._create_pid_file(pid)
-        mess = intd = None  # set once the name is ours, so that a failure removes only ours
-        committed = False
-        try:
-            # The lock is held until after the commit: cleanup_stale never removes a locked file.
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            mid = os.fstat(fd).st_ino
-            os.link(pidname, self._split("mess", mid))
-            mess = self._split("mess", mid)
-            os.unlink(pidname)
-            pidname = None
-            _write_message(fd, head, message)
-            os.fsync(fd)
-            _fsync_dir(f"{self._dir}/mess/{mid % SPLIT}")
-            intd = self._flat("intd", mid)
-            self._write_intd(intd, envelope)
-            todo = self._flat("todo", mid)
-            try:
-                os.link(intd, todo)
-            except FileExistsError:
-                # Our inode is new, so a todo entry with its number belongs to no message.
-                os.unlink(todo)
-                os.link(intd, todo)
-            committed = True
-            _fsync_dir(f"{self._dir}/todo")
-            return mid
-        except BaseException:
-            if not committed:  # never committed: nothing may keep these names
-                for name in (pidname, intd, mess):
-                    if name is not None:
-                        try:
-                            os.unlink(name)
-                        except OSError:
-                            pass
-            raise
-        finally:
-            os.close(fd)
-
     def _create_pid_file(self, pid: int) -> tuple[int, str]:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         for _ in range(9):
@@ -573,19 +526,6 @@ class Queue:
             except FileExistsError:
                 continue  # a leftover of an earlier process with our pid
         raise TemporaryFailure(f"{self._dir}/pid: unable to create a unique file")
-
-    def _write_intd(self, path: str, envelope: bytes) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        try:
-            fd = os.open(path, flags, 0o640)
-        except FileExistsError:
-            os.unlink(path)  # stale: its inode number is ours now, so its message is gone
-            fd = os.open(path, flags, 0o640)
-        try:
-            _writev_all(fd, [envelope])
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _trigger(self, byte: bytes) -> None:
         """Wake the manager; nobody listening (ENXIO), a full FIFO or any other error is fine."""

@@ -226,12 +226,19 @@ async def _customer(port: int, sink_port: int, auth: bytes, atrn: bytes) -> list
     return seen
 
 
-async def _with_server(root: Root, coro_factory):
+async def _with_server(root: Root, coro_factory, until=None):
+    """Run the customer's side against an ODMR server; then, if given, wait (up to 30 s) until
+    ``until()`` holds, so that the server's side of the session can finish before the loop ends."""
     service = OdmrService(root, lambda line: None)
     server = await asyncio.start_server(service.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        return await coro_factory(port)
+        result = await coro_factory(port)
+        deadline = time.monotonic() + 30
+        while until is not None and not until():
+            assert time.monotonic() < deadline, "the server side never finished"
+            await asyncio.sleep(0.02)  # polling for the observable event, with a deadline
+        return result
     finally:
         server.close()
         service.queue.close()
@@ -243,15 +250,12 @@ def test_atrn_turns_the_connection_and_delivers(tree):
     for n in range(3):
         _put(d, n)
     plain = b"AUTH PLAIN " + _b64(b"\0some.example.com\0s3cret")
-    seen = asyncio.run(_with_server(root, lambda port: _customer(port, sink.port, plain, b"ATRN")))
+    seen = asyncio.run(_with_server(root, lambda port: _customer(port, sink.port, plain, b"ATRN"),
+                                    until=lambda: read_last_transfer(d) is not None))
     assert seen[-1].startswith(b"250 "), seen
     sink.wait_for(lambda s: len(s.messages) == 3)
     assert [m.rcpts for m in sink.messages] == [[f"u{n}@{DOMAIN}"] for n in range(3)]
     assert scan(d / "Maildir") == []
-    deadline = time.monotonic() + 30
-    while read_last_transfer(d) is None:  # written when the server's side of the turn ends
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
     assert read_last_transfer(d).status == "ok"
     # nothing left: 453; another customer's domain: 450; wrong password: 535
     seen = asyncio.run(_with_server(root, lambda port: _customer(port, sink.port, plain, b"ATRN")))

@@ -22,8 +22,9 @@ Making a message safe (§4.2, plus what Linux needs): create ``pid/...`` O_EXCL 
 inode is the id; link it to ``mess/N/id`` and unlink the pid name; write the Received line and the
 message, and ``intd/id``; fsync both and ``mess/N/``; link ``intd/id`` to ``todo/id`` (the commit
 point); fsync ``todo/``; only then return, after writing one byte to the trigger without blocking.
-Concurrent enqueue_async calls share these fsyncs (group commit); enqueue is a group of one. A crash before the todo link leaves files that :meth:`Queue.cleanup_stale` removes and
-that are never delivered; after it, the message is whole and will be delivered.
+Concurrent enqueue_async calls share these fsyncs (group commit); enqueue is a group of one.
+A crash before the todo link leaves files that :meth:`Queue.cleanup_stale` removes and that are
+never delivered; after it, the message is whole and will be delivered.
 
 What it trusts: the files under ``queue/`` (only pqmail writes there). What it never does: return
 from enqueue before the message is committed and durable; mark a recipient done or drop a message

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import click
@@ -105,15 +104,7 @@ def flush_cmd(root, sub_root: str | None = None) -> None:
     listening.
     """
     root = _pick_root(root, sub_root)
-    from pqmail.errors import TemporaryFailure
+    from pqmail.queue.store import Queue
 
-    path = root.queue / "lock" / "trigger"
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise TemporaryFailure(f"{path}: pqmail send is not running ({e.strerror})") from None
-    try:
-        os.write(fd, b"F")
-    finally:
-        os.close(fd)
+    Queue(root.queue).request_retry()
     click.echo("pqmail send will retry every deferred message now")

@@ -178,17 +178,9 @@ def _printable(s: str) -> str:
 
 
 def _retry_now(root: str) -> None:
-    from pqmail.errors import TemporaryFailure
+    from pqmail.queue.store import Queue
 
-    path = os.path.join(root, "queue", "lock", "trigger")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise TemporaryFailure(f"{path}: pqmail send is not running ({e.strerror})") from None
-    try:
-        os.write(fd, b"F")
-    finally:
-        os.close(fd)
+    Queue(os.path.join(root, "queue")).request_retry()
 
 
 def run(argv: list[str], prog: str = "sendmail") -> int:

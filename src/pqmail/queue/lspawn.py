@@ -28,7 +28,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,10 +147,9 @@ def _zygote_main(ctl: socket.socket, threads: int) -> None:
 class _Worker:
     sock: socket.socket
     pid: int
-    pending: dict[int, Future]
-    lock: threading.RLock
+    loop: asyncio.AbstractEventLoop  # reads the results; pending futures belong to it
+    pending: dict[int, asyncio.Future]
     alive: bool = True
-    loop: asyncio.AbstractEventLoop | None = None  # set when results are read by an event loop
 
 
 class Spawner:
@@ -212,34 +211,16 @@ class Spawner:
             self._zygote_pid = 0
 
     def deliver(self, job: LocalJob, message_fd: int) -> LocalResult:
-        """Deliver one job; ``message_fd`` is an open read-only descriptor of the queued message."""
-        uid, gid = job.entry.uid, job.entry.gid
+        """Deliver in this process (not root): blocking, for a thread. Another uid is deferred."""
+        uid = job.entry.uid
         if uid == 0:
             return _temporary("Unable to deliver as root: users/assign names uid 0. (#4.3.0)")
-        if not self.privileged:
-            if uid != os.getuid():
-                return _temporary(
-                    f"Unable to switch to uid {uid}: pqmail send is not running as root. (#4.3.0)")
-            return deliver_local(LocalJob(
-                message_path=Path(f"/proc/self/fd/{message_fd}"), sender=job.sender,
-                recipient=job.recipient, entry=job.entry, default_delivery=job.default_delivery))
-        try:
-            worker = self._worker(uid, gid)
-        except OSError as e:
-            return _temporary(f"Unable to start a delivery process for uid {uid}: {e}. (#4.3.0)")
-        job_id = next(self._ids)
-        fut: Future = Future()
-        with worker.lock:
-            if not worker.alive:
-                return _temporary(f"Delivery process for uid {uid} is gone; will retry. (#4.3.0)")
-            worker.pending[job_id] = fut
-            try:
-                socket.send_fds(worker.sock, [_job_to_wire(job_id, job)], [message_fd])
-            except OSError as e:
-                worker.pending.pop(job_id, None)
-                self._drop(worker)
-                return _temporary(f"Delivery process for uid {uid} is gone: {e}. (#4.3.0)")
-        return fut.result()
+        if uid != os.getuid():
+            return _temporary(
+                f"Unable to switch to uid {uid}: pqmail send is not running as root. (#4.3.0)")
+        return deliver_local(LocalJob(
+            message_path=Path(f"/proc/self/fd/{message_fd}"), sender=job.sender,
+            recipient=job.recipient, entry=job.entry, default_delivery=job.default_delivery))
 
     async def deliver_async(self, job: LocalJob, message_fd: int) -> LocalResult:
         """:meth:`deliver` for an event loop: no thread waits while a worker delivers.
@@ -276,9 +257,7 @@ class Spawner:
         except OSError:
             data = b""
         if not data:
-            if w.loop is not None:
-                w.loop.remove_reader(w.sock.fileno())
-            self._drop(w)
+            self._drop(w)  # removes the reader too
             return
         try:
             d = json.loads(data.decode("utf-8", "surrogatepass"))
@@ -288,7 +267,7 @@ class Spawner:
         if not fut.done():
             fut.set_result(_result_from_wire(d))
 
-    def _worker(self, uid: int, gid: int, loop: asyncio.AbstractEventLoop | None = None) -> _Worker:
+    def _worker(self, uid: int, gid: int, loop: asyncio.AbstractEventLoop) -> _Worker:
         key = (uid, gid, next(self._rr) % self.procs)
         with self._workers_lock:
             w = self._workers.get(key)
@@ -305,30 +284,11 @@ class Spawner:
             if "error" in answer:
                 mine.close()
                 raise OSError(answer["error"])
-            w = _Worker(sock=mine, pid=int(answer["pid"]), pending={}, lock=threading.RLock(), loop=loop)
+            w = _Worker(sock=mine, pid=int(answer["pid"]), loop=loop, pending={})
             self._workers[key] = w
             self.log(f"status: delivery process {w.pid} started for uid {uid} gid {gid}")
-        if loop is not None:
-            loop.add_reader(mine.fileno(), self._on_readable, w)
-        else:
-            threading.Thread(target=self._reader, args=(w,), daemon=True, name=f"lspawn-{uid}").start()
+        loop.add_reader(mine.fileno(), self._on_readable, w)
         return w
-
-    def _reader(self, w: _Worker) -> None:
-        while True:
-            try:
-                data = w.sock.recv(_MAX_FRAME)
-            except OSError:
-                data = b""
-            if not data:
-                break
-            try:
-                d = json.loads(data.decode("utf-8", "surrogatepass"))
-                fut = w.pending.pop(int(d["id"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-            fut.set_result(_result_from_wire(d))
-        self._drop(w)
 
     def _drop(self, w: _Worker) -> None:
         w.alive = False
@@ -336,16 +296,14 @@ class Spawner:
             for key, other in list(self._workers.items()):
                 if other is w:
                     del self._workers[key]
-        with w.lock:
-            for fut in list(w.pending.values()):
-                if not fut.done():
-                    fut.set_result(_temporary("Delivery process died; will retry. (#4.3.0)"))
-            w.pending.clear()
-        if w.loop is not None:
-            try:
-                w.loop.remove_reader(w.sock.fileno())
-            except (ValueError, OSError, RuntimeError):
-                pass
+        for fut in list(w.pending.values()):
+            if not fut.done():
+                fut.set_result(_temporary("Delivery process died; will retry. (#4.3.0)"))
+        w.pending.clear()
+        try:
+            w.loop.remove_reader(w.sock.fileno())
+        except (ValueError, OSError, RuntimeError):
+            pass
         try:
             w.sock.close()
         except OSError:

@@ -528,6 +528,19 @@ class Queue:
                 continue  # a leftover of an earlier process with our pid
         raise TemporaryFailure(f"{self._dir}/pid: unable to create a unique file")
 
+    def request_retry(self) -> None:
+        """Ask the running manager to retry every deferred message now (qmail's SIGALRM): ``F`` on the
+        trigger. TemporaryFailure when no manager listens."""
+        path = f"{self._dir}/lock/trigger"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise TemporaryFailure(f"{path}: pqmail send is not running ({e.strerror})") from None
+        try:
+            os.write(fd, b"F")
+        finally:
+            os.close(fd)
+
     def _trigger(self, byte: bytes) -> None:
         """Wake the manager; nobody listening (ENXIO), a full FIFO or any other error is fine."""
         try:

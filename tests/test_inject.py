@@ -483,3 +483,11 @@ def test_a_large_message_is_streamed_whole(root: Path):
     assert p.returncode == 0, p.stderr
     [(_, _, data)] = queued(root)
     assert data.endswith(b"\n\n" + body.replace(b"\r\n", b"\n"))
+
+
+@pytest.mark.parametrize("arg", ["bad address<@", "@", "<@>"])
+def test_recipient_that_qualifies_to_nothing_is_refused(root: Path, arg: str) -> None:
+    """An argument that is no address must not be queued as the empty (trash) recipient."""
+    p = run_pqmail("inject", "--root", str(root), arg, input=b"Subject: s\n\n", check=False)
+    assert p.returncode == 100 and b"unable to parse address" in p.stderr
+    assert queued(root) == []

@@ -395,9 +395,10 @@ def check_recipient(arg: str, s: Settings) -> str:
         if len(pairs) != 1:
             raise PermanentFailure(f"unable to parse address: {arg}")
         addr = unquote_address(pairs[0][1])
-    if not addr or any(c in addr for c in "\0\r\n"):
+    qualified = s.qualify(addr) if addr else ""
+    if not qualified or any(c in addr for c in "\0\r\n"):  # "@" or "." qualify to nothing
         raise PermanentFailure(f"unable to parse address: {arg!r}")
-    return s.qualify(addr)
+    return qualified
 
 
 # ----------------------------------------------------------------------------- new fields

@@ -91,7 +91,7 @@ def _open_message(path: Path) -> tuple[int, bool]:
 class LocalJob:
     """What qmail-lspawn hands qmail-local: the message, envelope, recipient and assign entry."""
 
-    message_path: Path
+    message_path: Path | str
     sender: str
     recipient: str  # local@domain after virtual-domain rewriting; local includes the prefix
     entry: AssignEntry

@@ -9,7 +9,10 @@ and the package may sit in directories only root can read), so this module follo
 * A worker drops privileges (setgroups([]), setgid, setuid — in that order), then serves delivery
   jobs over a SOCK_SEQPACKET socket: a JSON job plus the queued message's file descriptor (passed
   with SCM_RIGHTS, so the worker never needs to read the queue directory), and answers a JSON result.
-  It runs jobs in a thread pool, so one worker serves thousands of virtual boxes concurrently.
+  A worker is single-threaded and delivers one job at a time (a delivery is mostly file creation
+  and fsync: threads in one interpreter would spend their time handing the GIL over); a uid gets
+  up to ``procs_per_uid`` workers, started as the load needs them, so one uid's thousands of
+  virtual boxes are served concurrently.
 * A worker that dies takes only its jobs in flight with it: they come back as temporary failures
   and the manager retries them; the next job starts a new worker.
 
@@ -26,9 +29,7 @@ import json
 import os
 import signal
 import socket
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,28 +71,8 @@ def _temporary(text: str) -> LocalResult:
 
 # ---------------------------------------------------------------- worker (runs as the target user)
 
-def _worker_main(sock: socket.socket, threads: int) -> None:
-    """Serve jobs until the manager closes the socket. Runs after privileges were dropped."""
-    lock = threading.Lock()
-    pool = ThreadPoolExecutor(max_workers=threads)
-
-    def run(d: dict, fd: int) -> None:
-        try:
-            user, uid, gid, home, dash, ext = d["entry"]
-            job = LocalJob(
-                message_path=Path(f"/proc/self/fd/{fd}"), sender=d["sender"], recipient=d["recipient"],
-                entry=AssignEntry(user, int(uid), int(gid), home, dash, ext),
-                default_delivery=d["default_delivery"],
-            )
-            result = deliver_local(job)
-        except Exception as e:  # a bug must come back as a deferral, never kill the worker
-            result = _temporary(f"Unable to deliver: internal error {type(e).__name__}: {e}. (#4.3.0)")
-        finally:
-            os.close(fd)
-        data = _result_to_wire(d["id"], result)
-        with lock:
-            sock.send(data)
-
+def _worker_main(sock: socket.socket) -> None:
+    """Serve jobs one at a time until the manager closes the socket. Runs after privileges were dropped."""
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_FRAME, 1)
@@ -101,11 +82,29 @@ def _worker_main(sock: socket.socket, threads: int) -> None:
             break
         if not fds:
             continue
-        pool.submit(run, json.loads(data.decode("utf-8", "surrogatepass")), fds[0])
-    pool.shutdown(wait=True)
+        fd = fds[0]
+        job_id = 0
+        try:
+            d = json.loads(data.decode("utf-8", "surrogatepass"))
+            job_id = int(d["id"])
+            user, uid, gid, home, dash, ext = d["entry"]
+            job = LocalJob(
+                message_path=f"/proc/self/fd/{fd}", sender=d["sender"], recipient=d["recipient"],
+                entry=AssignEntry(user, int(uid), int(gid), home, dash, ext),
+                default_delivery=d["default_delivery"],
+            )
+            result = deliver_local(job)
+        except Exception as e:  # a bug must come back as a deferral, never kill the worker
+            result = _temporary(f"Unable to deliver: internal error {type(e).__name__}: {e}. (#4.3.0)")
+        finally:
+            os.close(fd)
+        try:
+            sock.send(_result_to_wire(job_id, result))
+        except OSError:
+            break
 
 
-def _zygote_main(ctl: socket.socket, threads: int) -> None:
+def _zygote_main(ctl: socket.socket) -> None:
     """Fork a worker per request ``{"uid":…, "gid":…}`` + the worker's socket; answer its pid."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped automatically
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -134,7 +133,7 @@ def _zygote_main(ctl: socket.socket, threads: int) -> None:
                 if os.getuid() == 0 or os.geteuid() == 0:
                     os._exit(1)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                _worker_main(child_sock, threads)
+                _worker_main(child_sock)
             finally:
                 os._exit(0)
         child_sock.close()
@@ -143,36 +142,30 @@ def _zygote_main(ctl: socket.socket, threads: int) -> None:
 
 # ---------------------------------------------------------------- manager side
 
-@dataclass
+@dataclass(eq=False)
 class _Worker:
     sock: socket.socket
     pid: int
-    loop: asyncio.AbstractEventLoop  # reads the results; pending futures belong to it
-    pending: dict[int, asyncio.Future]
+    key: tuple[int, int]
+    loop: asyncio.AbstractEventLoop  # reads the results; the callbacks run on it
+    pending: dict[int, Callable[[LocalResult], None]]
     alive: bool = True
 
 
 class Spawner:
-    """Runs local deliveries with the right privileges; ``deliver`` is thread-safe and blocking.
+    """Runs local deliveries with the right privileges, for one event loop.
 
     As root, jobs go to per-uid workers forked by the zygote. Not as root, a job for our own uid runs
-    in the calling thread, and a job for any other uid is deferred with a clear report.
+    in the loop's default executor, and a job for any other uid is deferred with a clear report.
     """
 
-    def __init__(self, threads_per_worker: int = 20, log: Callable[[str], None] | None = None,
-                 workers_per_uid: int = 1) -> None:
-        # Several processes per uid spread deliveries over the cores: one interpreter's threads
-        # would share one GIL (and spend their time handing it over).
-        self.procs = max(1, workers_per_uid)
-        self.threads = max(1, -(-threads_per_worker // self.procs))
-        self._rr = itertools.count()
+    def __init__(self, procs_per_uid: int = 4, log: Callable[[str], None] | None = None) -> None:
+        self.procs = max(1, procs_per_uid)
         self.log = log or (lambda s: None)
         self.privileged = os.geteuid() == 0
         self._ctl: socket.socket | None = None
-        self._ctl_lock = threading.Lock()
-        self._workers: dict[tuple[int, int, int], _Worker] = {}
-        self._workers_lock = threading.Lock()
-        self._ids = iter(range(1, 1 << 62))
+        self._workers: dict[tuple[int, int], list[_Worker]] = {}
+        self._ids = itertools.count(1)
         self._zygote_pid = 0
 
     def start(self) -> None:
@@ -184,7 +177,7 @@ class Spawner:
         if pid == 0:
             parent.close()
             try:
-                _zygote_main(child, self.threads)
+                _zygote_main(child)
             finally:
                 os._exit(0)
         child.close()
@@ -192,9 +185,8 @@ class Spawner:
         self._zygote_pid = pid
 
     def close(self) -> None:
-        with self._workers_lock:
-            workers = list(self._workers.values())
-            self._workers.clear()
+        workers = [w for ws in self._workers.values() for w in ws]
+        self._workers.clear()
         for w in workers:
             try:
                 w.sock.shutdown(socket.SHUT_RDWR)
@@ -222,84 +214,97 @@ class Spawner:
             message_path=Path(f"/proc/self/fd/{message_fd}"), sender=job.sender,
             recipient=job.recipient, entry=job.entry, default_delivery=job.default_delivery))
 
-    async def deliver_async(self, job: LocalJob, message_fd: int) -> LocalResult:
-        """:meth:`deliver` for an event loop: no thread waits while a worker delivers.
+    def submit(self, job: LocalJob, message_fd: int, done: Callable[[LocalResult], None]) -> None:
+        """Start one delivery; ``done(result)`` runs later on the running loop, exactly once.
 
-        As root the job goes to the uid's worker and the result is read by the loop itself;
-        not as root the delivery runs in the loop's default executor (it blocks on fsync).
+        Takes ownership of ``message_fd``. As root the job goes to one of the uid's workers and the
+        result is read by the loop itself (no thread waits); not as root the delivery runs in the
+        loop's default executor (it blocks on fsync).
         """
         loop = asyncio.get_running_loop()
         uid, gid = job.entry.uid, job.entry.gid
         if not self.privileged or uid == 0:
-            return await loop.run_in_executor(None, self.deliver, job, message_fd)
+            fut = loop.run_in_executor(None, self._deliver_closing, job, message_fd)
+            fut.add_done_callback(lambda f: done(_outcome(f)))
+            return
         try:
-            worker = self._worker(uid, gid, loop)
-        except OSError as e:
-            return _temporary(f"Unable to start a delivery process for uid {uid}: {e}. (#4.3.0)")
-        job_id = next(self._ids)
-        fut: asyncio.Future = loop.create_future()
-        if not worker.alive:
-            return _temporary(f"Delivery process for uid {uid} is gone; will retry. (#4.3.0)")
-        worker.pending[job_id] = fut
+            try:
+                worker = self._worker(uid, gid, loop)
+            except OSError as e:
+                loop.call_soon(done, _temporary(
+                    f"Unable to start a delivery process for uid {uid}: {e}. (#4.3.0)"))
+                return
+            job_id = next(self._ids)
+            worker.pending[job_id] = done
+            try:
+                socket.send_fds(worker.sock, [_job_to_wire(job_id, job)], [message_fd])
+            except OSError as e:
+                worker.pending.pop(job_id, None)
+                self._drop(worker)
+                loop.call_soon(done, _temporary(f"Delivery process for uid {uid} is gone: {e}. (#4.3.0)"))
+        finally:
+            os.close(message_fd)  # the worker holds its own reference now
+
+    def _deliver_closing(self, job: LocalJob, message_fd: int) -> LocalResult:
         try:
-            socket.send_fds(worker.sock, [_job_to_wire(job_id, job)], [message_fd])
-        except OSError as e:
-            worker.pending.pop(job_id, None)
-            self._drop(worker)
-            return _temporary(f"Delivery process for uid {uid} is gone: {e}. (#4.3.0)")
-        return await fut
+            return self.deliver(job, message_fd)
+        finally:
+            os.close(message_fd)
 
     def _on_readable(self, w: _Worker) -> None:
-        try:
-            data = w.sock.recv(_MAX_FRAME)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._drop(w)  # removes the reader too
-            return
-        try:
-            d = json.loads(data.decode("utf-8", "surrogatepass"))
-            fut = w.pending.pop(int(d["id"]))
-        except (ValueError, KeyError, TypeError):
-            return
-        if not fut.done():
-            fut.set_result(_result_from_wire(d))
+        while w.alive:  # every result that arrived, in one wake-up
+            try:
+                data = w.sock.recv(_MAX_FRAME, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._drop(w)  # removes the reader too
+                return
+            try:
+                d = json.loads(data.decode("utf-8", "surrogatepass"))
+                done = w.pending.pop(int(d["id"]))
+                result = _result_from_wire(d)
+            except (ValueError, KeyError, TypeError) as e:
+                self.log(f"warning: delivery process {w.pid} sent an unreadable result: {e}")
+                continue
+            done(result)
 
     def _worker(self, uid: int, gid: int, loop: asyncio.AbstractEventLoop) -> _Worker:
-        key = (uid, gid, next(self._rr) % self.procs)
-        with self._workers_lock:
-            w = self._workers.get(key)
-            if w is not None and w.alive:
-                return w
-            if self._ctl is None:
-                raise OSError("delivery spawner not started")
-            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            with self._ctl_lock:
-                socket.send_fds(self._ctl, [json.dumps({"uid": uid, "gid": gid}).encode()],
-                                [theirs.fileno()])
-                answer = json.loads(self._ctl.recv(4096) or b'{"error": "zygote gone"}')
+        """The uid's least busy worker; a new one while all are busy and fewer than ``procs`` run."""
+        key = (uid, gid)
+        workers = self._workers.setdefault(key, [])
+        best = min(workers, key=lambda w: len(w.pending), default=None)
+        if best is not None and (not best.pending or len(workers) >= self.procs):
+            return best
+        if self._ctl is None:
+            raise OSError("delivery spawner not started")
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            socket.send_fds(self._ctl, [json.dumps({"uid": uid, "gid": gid}).encode()], [theirs.fileno()])
+            answer = json.loads(self._ctl.recv(4096) or b'{"error": "zygote gone"}')
+        except OSError:
+            mine.close()
+            raise
+        finally:
             theirs.close()
-            if "error" in answer:
-                mine.close()
-                raise OSError(answer["error"])
-            w = _Worker(sock=mine, pid=int(answer["pid"]), loop=loop, pending={})
-            self._workers[key] = w
-            self.log(f"status: delivery process {w.pid} started for uid {uid} gid {gid}")
+        if "error" in answer:
+            mine.close()
+            raise OSError(answer["error"])
+        w = _Worker(sock=mine, pid=int(answer["pid"]), key=key, loop=loop, pending={})
+        workers.append(w)
+        self.log(f"status: delivery process {w.pid} started for uid {uid} gid {gid}")
         loop.add_reader(mine.fileno(), self._on_readable, w)
         return w
 
     def _drop(self, w: _Worker) -> None:
+        """Forget a worker that died or misbehaved; its jobs in flight come back as deferrals."""
         w.alive = False
-        with self._workers_lock:
-            for key, other in list(self._workers.items()):
-                if other is w:
-                    del self._workers[key]
-        for fut in list(w.pending.values()):
-            if not fut.done():
-                fut.set_result(_temporary("Delivery process died; will retry. (#4.3.0)"))
-        w.pending.clear()
+        workers = self._workers.get(w.key)
+        if workers is not None:
+            workers[:] = [x for x in workers if x is not w]
+        pending, w.pending = list(w.pending.values()), {}
         try:
             w.loop.remove_reader(w.sock.fileno())
         except (ValueError, OSError, RuntimeError):
@@ -308,3 +313,14 @@ class Spawner:
             w.sock.close()
         except OSError:
             pass
+        for done in pending:
+            w.loop.call_soon(done, _temporary("Delivery process died; will retry. (#4.3.0)"))
+
+
+def _outcome(fut: asyncio.Future) -> LocalResult:
+    if fut.cancelled():
+        return _temporary("Delivery was cancelled; will retry. (#4.3.0)")
+    e = fut.exception()
+    if e is not None:
+        return _temporary(f"Unable to deliver: internal error {type(e).__name__}: {e}. (#4.3.0)")
+    return fut.result()

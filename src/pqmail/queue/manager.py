@@ -53,6 +53,7 @@ IDLE_RESCAN = 25 * 60  # qmail-send looks at todo/ at least every 25 minutes
 SETTLE_AFTER = 5.0  # seconds a preprocessed message may rely on todo/ before its files are fsync'd
 PREPROCESS_WINDOW = 1000  # local deliveries waiting for a slot, at most
 INLINE_PREPROCESS = 16  # new messages preprocessed on the loop's thread; more go to a thread
+MAX_PROCS_PER_UID = 8  # delivery processes for one uid (each delivers one message at a time)
 
 
 def _oneline(text: str) -> str:
@@ -78,6 +79,8 @@ class _Msg:
     records: dict | None = None
     settling: bool = False  # its files are being written: it must not be removed meanwhile
     finishing: bool = False  # being removed: it must not be settled meanwhile (its id may be reused)
+    # the queue subdirectories holding a file of this message, when known (None: look at them all)
+    files: set[str] | None = None
 
     @property
     def remote_pending(self) -> int:
@@ -99,8 +102,8 @@ class Manager:
         self.control: Control = load_control(root)
         self.users = UsersDB(root)
         self.default_delivery = _read_default_delivery(root)
-        self.spawner = Spawner(threads_per_worker=max(1, self.control.concurrencylocal), log=self.log,
-                               workers_per_uid=min(4, os.cpu_count() or 1))
+        self.spawner = Spawner(procs_per_uid=min(MAX_PROCS_PER_UID, self.control.concurrencylocal),
+                               log=self.log)
         self.msgs: dict[int, _Msg] = {}
         # (time, id): when each message's local records are next due; stale entries are skipped
         self._heap: list[tuple[float, int]] = []
@@ -117,7 +120,8 @@ class Manager:
         self.delivery_ids = itertools.count(1)
         self.stopping = False
         self.todo_wanted = True
-        self._wake: asyncio.Event | None = None
+        self._poked = False  # something changed since the loop's pass began: pass again
+        self._waiter: asyncio.Future | None = None  # the loop waits on it between passes
         self._tasks: set[asyncio.Future] = set()
         self._mutex_fd = -1
 
@@ -149,7 +153,6 @@ class Manager:
         self.pool = ThreadPoolExecutor(max_workers=max(2, self.control.concurrencylocal),
                                        thread_name_prefix="deliver")
         loop.set_default_executor(self.pool)
-        self._wake = asyncio.Event()
         self._install_signals(loop)
         trigger_fds = self._open_trigger(loop)
         removed = await loop.run_in_executor(None, self.queue.cleanup_stale)
@@ -160,6 +163,7 @@ class Manager:
         last_scan = 0.0
         try:
             while True:
+                self._poked = False
                 now = time.time()
                 self._reload_if_changed(now)
                 if self.todo_wanted or now - last_scan >= IDLE_RESCAN:
@@ -186,11 +190,16 @@ class Manager:
                     continue
                 timeout = min(IDLE_RESCAN, max(0.0, self._next_wakeup() - now))
                 self._flush_log()
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=timeout)
-                except TimeoutError:
-                    pass
+                if not self._poked:
+                    # a bare future and a timer: cheaper than wait_for on an Event, which costs a
+                    # task per pass (and there is a pass per delivery result)
+                    waiter = self._waiter = loop.create_future()
+                    timer = loop.call_later(timeout, _wake_up, waiter)
+                    try:
+                        await waiter
+                    finally:
+                        timer.cancel()
+                        self._waiter = None
         finally:
             if trigger_fds:
                 loop.remove_reader(trigger_fds[0])
@@ -271,8 +280,8 @@ class Manager:
             flush()
 
     def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+        self._poked = True
+        _wake_up(self._waiter)
 
     def _open_trigger(self, loop: asyncio.AbstractEventLoop) -> list[int]:
         path = self.root.queue / "lock" / "trigger"
@@ -373,10 +382,12 @@ class Manager:
             (local if rw.is_local else remote).append(rw.address)
         size = self.queue.message_size(mid)
         self.queue.discard_bounce(mid)  # from an interrupted earlier pass: its recipients run again
+        self.queue.discard_status(mid)
         self.log(f"info msg {mid}: bytes {size} from <{env.sender}> qp {env.pid} uid {env.uid}")
         records = {"local": channel_records(local), "remote": channel_records(remote)}
         return _Msg(id=mid, sender=env.sender, birth=time.time(), local=list(records["local"]),
-                    remote=list(records["remote"]), settled=False, records=records)
+                    remote=list(records["remote"]), settled=False, records=records,
+                    files={"mess", "intd", "todo"})
 
     # ------------------------------------------------------------------ scheduling
 
@@ -504,6 +515,7 @@ class Manager:
                 shown = routing.strip_vdom_prefix(self.control, rec.address)
                 await loop.run_in_executor(None, self._record_failure, m.id, rec.offset,
                                            bounce.paragraph(shown, report), m.settled, "remote")
+                m.files = None if m.files is None else m.files | {"bounce"}
                 rec.done = True
                 self.log(f"delivery {d}: failure: {text}")
             else:
@@ -543,6 +555,8 @@ class Manager:
                     await loop.run_in_executor(None, self._mark_late, late)
             except OSError as e:
                 self.log(f"warning: cannot settle {len(msgs)} preprocessed message(s): {e}; will retry")
+                for m in msgs:
+                    m.files = None  # written in part, perhaps
                 self._unsettled.extendleft((0.0, m.id) for m in msgs if not m.settled)
             finally:
                 self._settling = False
@@ -564,9 +578,13 @@ class Manager:
         late = []
         for m in msgs:
             m.settled = True
-            for channel, records in (m.records or {}).items():
+            channels = m.records or {}
+            for channel, records in channels.items():
                 late.extend((m.id, channel, r.offset) for r in records
                             if r.done and r.offset not in written.get(m.id, ()))
+            if m.files is not None:
+                m.files = {"mess", "info", *(c for c, recs in channels.items() if recs),
+                           *(m.files & {"bounce", "status"})}
             m.records = None
         return late
 
@@ -582,70 +600,108 @@ class Manager:
         while self.ready and self.in_flight < limit:
             m, rec = self.ready.popleft()
             self.in_flight += 1
-            self._spawn(self._deliver(m, rec))
+            self._start_local(m, rec)
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)  # the loop keeps only weak references to tasks
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, m: _Msg, rec) -> None:
+    def _start_local(self, m: _Msg, rec) -> None:
+        """Hand one local delivery to the spawner; :meth:`_local_result` takes it from there.
+
+        No task per delivery: the common outcome (delivered, nothing to write) is handled in the
+        callback itself; only outcomes that need the disk go through a coroutine.
+        """
+        d = next(self.delivery_ids)
+        self.log(f"starting delivery {d}: msg {m.id} to local {rec.address}")
         try:
-            await self._deliver_one(m, rec)
+            prepared = self._prepare_local(m, rec)
+            if isinstance(prepared, LocalResult):
+                asyncio.get_running_loop().call_soon(self._local_result, m, rec, d, prepared)
+            else:
+                job, fd = prepared
+                self.spawner.submit(job, fd, lambda result: self._local_result(m, rec, d, result))
         except Exception as e:  # never let one delivery take the manager down
             self.log(f"alert: msg {m.id}: internal error delivering to {rec.address}: "
                      f"{type(e).__name__}: {e}")
-        finally:
-            self.in_flight -= 1
-            m.in_flight -= 1
-            if m.in_flight == 0:
-                m.local = [r for r in m.local if not r.done]
-                if m.local:
-                    self._schedule(m, schedule.next_retry(m.birth, m.attempt_started, "local"))
-                    self._note_status(m)
-                else:
-                    self._schedule(m, 0.0)
-            self._poke()
+            asyncio.get_running_loop().call_soon(self._local_done, m)  # not from inside _dispatch
 
-    async def _deliver_one(self, m: _Msg, rec) -> None:
-        """One local delivery; its result is on disk before the record counts as done."""
-        loop = asyncio.get_running_loop()
-        d = next(self.delivery_ids)
-        self.log(f"starting delivery {d}: msg {m.id} to local {rec.address}")
-        result = await self._run_local(m, rec)
-        last = schedule.expired(m.birth, m.attempt_started, self.control.queuelifetime)
-        if result.status == "Z" and last:
-            result = LocalResult(status="D", report=f"{result.report}\n{bounce.TOO_LONG}",
-                                 forwards=[], new_sender="", forward_prefix=b"")
-        text = _oneline(result.report)
-        if result.status == "K":
-            if result.forwards:
-                fid = await loop.run_in_executor(None, lambda: self.queue.enqueue(
-                    result.new_sender, result.forwards,
-                    [result.forward_prefix, self.queue.message_path(m.id)],
-                    invoked=f"by uid {self._uid_for(rec)}",
-                ))
-                text = f"{text}/forwarded as msg {fid}" if text else f"forwarded as msg {fid}"
-            if m.settled and not self._last_pending(m, rec):
-                await loop.run_in_executor(None, self.queue.mark_done, m.id, "local", rec.offset)
-            # else: the message is removed next; a crash before that repeats this delivery
-            rec.done = True
-            self.log(f"delivery {d}: success: {text}")
-        elif result.status == "D":
-            shown = routing.strip_vdom_prefix(self.control, rec.address)
-            await loop.run_in_executor(None, self._record_failure, m.id, rec.offset,
-                                       bounce.paragraph(shown, result.report), m.settled)
-            rec.done = True
-            self.log(f"delivery {d}: failure: {text}")
-        else:
-            rec.last = text
-            self.log(f"delivery {d}: deferral: {text}")
+    def _local_result(self, m: _Msg, rec, d: int, result: LocalResult) -> None:
+        """A delivery's result: recorded in memory here, or on disk by :meth:`_record_local`."""
+        try:
+            last = schedule.expired(m.birth, m.attempt_started, self.control.queuelifetime)
+            if result.status == "Z" and last:
+                result = LocalResult(status="D", report=f"{result.report}\n{bounce.TOO_LONG}",
+                                     forwards=[], new_sender="", forward_prefix=b"")
+            if result.status == "Z":
+                rec.last = text = _oneline(result.report)
+                self.log(f"delivery {d}: deferral: {text}")
+            elif result.status == "K" and not result.forwards \
+                    and not (m.settled and not self._last_pending(m, rec)):
+                # nothing to write: the message is removed next, or Queue.settle writes this record
+                # as done; a crash before that repeats this delivery, as qmail-send would
+                rec.done = True
+                self.log(f"delivery {d}: success: {_oneline(result.report)}")
+            else:
+                self._spawn(self._record_local(m, rec, d, result))
+                return
+        except Exception as e:
+            self.log(f"alert: msg {m.id}: internal error delivering to {rec.address}: "
+                     f"{type(e).__name__}: {e}")
+        self._local_done(m)
+
+    def _local_done(self, m: _Msg) -> None:
+        self.in_flight -= 1
+        m.in_flight -= 1
+        if m.in_flight == 0:
+            m.local = [r for r in m.local if not r.done]
+            if m.local:
+                self._schedule(m, schedule.next_retry(m.birth, m.attempt_started, "local"))
+                self._note_status(m)
+            else:
+                self._schedule(m, 0.0)
+        if not self.stopping:
+            self._dispatch()  # the freed slot's next job now, not after a pass of the loop
+        self._poke()
+
+    async def _record_local(self, m: _Msg, rec, d: int, result: LocalResult) -> None:
+        """A success with forwards or a channel file to mark, or a failure: durably, then done."""
+        try:
+            loop = asyncio.get_running_loop()
+            text = _oneline(result.report)
+            if result.status == "K":
+                if result.forwards:
+                    fid = await loop.run_in_executor(None, lambda: self.queue.enqueue(
+                        result.new_sender, result.forwards,
+                        [result.forward_prefix, self.queue.message_path(m.id)],
+                        invoked=f"by uid {self._uid_for(rec)}",
+                    ))
+                    text = f"{text}/forwarded as msg {fid}" if text else f"forwarded as msg {fid}"
+                if m.settled and not self._last_pending(m, rec):
+                    await loop.run_in_executor(None, self.queue.mark_done, m.id, "local", rec.offset)
+                rec.done = True
+                self.log(f"delivery {d}: success: {text}")
+            else:
+                shown = routing.strip_vdom_prefix(self.control, rec.address)
+                await loop.run_in_executor(None, self._record_failure, m.id, rec.offset,
+                                           bounce.paragraph(shown, result.report), m.settled)
+                m.files = None if m.files is None else m.files | {"bounce"}
+                rec.done = True
+                self.log(f"delivery {d}: failure: {text}")
+        except Exception as e:  # the record stays undone: it is tried again
+            self.log(f"alert: msg {m.id}: internal error delivering to {rec.address}: "
+                     f"{type(e).__name__}: {e}")
+        finally:
+            self._local_done(m)
 
     def _note_status(self, m: _Msg) -> None:
         """Tell ``pqmail queue`` when each waiting recipient is tried next and what it last got."""
         entries = [(r.address, when, getattr(r, "last", "") or "")
                    for recs, when in ((m.local, m.next_local), (m.remote, m.next_remote))
                    for r in recs if not r.done]
+        if m.files is not None:
+            m.files.add("status")
 
         async def write() -> None:
             try:
@@ -670,7 +726,8 @@ class Manager:
     def _uid_for(self, rec) -> int:
         return getattr(rec, "uid", os.getuid())
 
-    async def _run_local(self, m: _Msg, rec) -> LocalResult:
+    def _prepare_local(self, m: _Msg, rec) -> LocalResult | tuple[LocalJob, int]:
+        """The job and an open descriptor of the message, or the result when there is no job."""
         r = routing.local_route(self.users, rec.address)  # rec.address was rewritten at preprocessing
         if r.trash:
             return LocalResult("K", "Trash address: nothing delivered.", [], "", b"")
@@ -680,20 +737,16 @@ class Manager:
             if isinstance(entry, str):
                 return LocalResult("Z", entry, [], "", b"")
         rec.uid = entry.uid
+        path = self.queue.message_name(m.id)
         job = LocalJob(
-            message_path=self.queue.message_path(m.id),
-            sender=routing.verp_expand(m.sender, rec.address),
+            message_path=path, sender=routing.verp_expand(m.sender, rec.address),
             recipient=rec.address, entry=entry, default_delivery=self.default_delivery,
         )
         try:
-            fd = os.open(job.message_path, os.O_RDONLY)
+            return job, os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             return LocalResult("Z", f"Unable to open the queued message: {e.strerror}. (#4.3.0)",
                                [], "", b"")
-        try:
-            return await self.spawner.deliver_async(job, fd)
-        finally:
-            os.close(fd)
 
     # ------------------------------------------------------------------ finishing
 
@@ -730,7 +783,7 @@ class Manager:
         return out
 
     def _finish_blocking(self, m: _Msg) -> None:
-        paragraphs = self.queue.read_bounce(m.id)
+        paragraphs = self.queue.read_bounce(m.id) if m.files is None or "bounce" in m.files else b""
         if paragraphs:
             c = self.control
             target = bounce.bounce_target(m.sender, c.doublebounceto, c.doublebouncehost)
@@ -744,7 +797,7 @@ class Manager:
                 )
                 bid = self.queue.enqueue(target.sender, [target.recipient], body, invoked="for bounce")
                 self.log(f"bounce msg {m.id} qp {bid}")
-        self.queue.remove_message(m.id)
+        self.queue.remove_message(m.id, m.files)
         self.log(f"end msg {m.id}")
 
     def _save_retry_times(self) -> None:
@@ -753,6 +806,11 @@ class Manager:
                 self.queue.set_channel_mtime(m.id, "local", m.next_local)
             if m.remote and m.next_remote not in (0.0, float("inf")):
                 self.queue.set_channel_mtime(m.id, "remote", m.next_remote)
+
+
+def _wake_up(waiter: asyncio.Future | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
 
 
 def _getpw(local: str):

@@ -228,6 +228,11 @@ def _exists(path: str) -> bool:
 
 def _writev_all(fd: int, bufs: list[Any]) -> None:
     """writev until everything is written (a regular file rarely writes short, but it may)."""
+    if len(bufs) <= 1024 and all(type(b) is bytes for b in bufs):  # the usual case: one writev
+        n = os.writev(fd, bufs)
+        if n == sum(map(len, bufs)):
+            return
+        bufs = [memoryview(b"".join(bufs))[n:]]
     views = [memoryview(b).cast("B") for b in bufs if len(b)]
     while views:
         n = os.writev(fd, views[:1024])  # IOV_MAX
@@ -356,6 +361,10 @@ class Queue:
 
         return Path(self._split("mess", mid))
 
+    def message_name(self, mid: int) -> str:
+        """:meth:`message_path` as a string, for the hot path."""
+        return self._split("mess", mid)
+
     # -- injection
 
     def enqueue(self, sender: str, recipients: list[str], message: Any,
@@ -382,6 +391,13 @@ class Queue:
         and one per directory, and committed into ``todo/`` with one fsync of ``todo/`` for all.
         The blocking work runs in this queue's thread pool, never on the event loop.
         """
+        return await self.enqueue_future(sender, recipients, message, invoked)
+
+    def enqueue_future(self, sender: str, recipients: list[str], message: Any,
+                       invoked: str | None = None) -> Any:
+        """:meth:`enqueue_async` as a plain asyncio future of the id (no coroutine, no Task): for a
+        caller that answers from a done callback, as the smtpd does for every message. Must be
+        called on the event loop's thread. Cancelling the future does not stop the enqueue."""
         import asyncio
 
         loop = asyncio.get_running_loop()
@@ -390,7 +406,7 @@ class Queue:
         if not self._committing:
             self._committing = True
             self._commit_task = loop.create_task(self._commit_groups())
-        return await fut
+        return fut
 
     async def _commit_groups(self) -> None:
         import asyncio
@@ -418,12 +434,16 @@ class Queue:
         """Commit several messages together: write all, sync all, link all into todo/, sync todo/."""
         outcomes: list[int | BaseException] = []
         staged: list[tuple[int, int, str, str, int]] = []  # (index, fd, mess, intd, intd fd)
-        pid = os.getpid()
+        pid, uid = os.getpid(), os.getuid()
+        heads: dict[str, bytes] = {}  # the group is queued at one time: one Received line per <who>
         try:
             for sender, recipients, message, invoked in calls:
                 try:
-                    envelope = pack_envelope(os.getuid(), pid, sender, recipients)
-                    head = received_line(pid, invoked or f"by uid {os.getuid()}")
+                    envelope = pack_envelope(uid, pid, sender, recipients)
+                    who = invoked or f"by uid {uid}"
+                    head = heads.get(who)
+                    if head is None:
+                        head = heads[who] = received_line(pid, who)
                     staged.append((len(outcomes), *self._stage(pid, head, message, envelope)))
                     outcomes.append(-1)
                 except BaseException as e:
@@ -725,6 +745,9 @@ class Queue:
     def discard_bounce(self, mid: int) -> None:
         _unlink(self._flat("bounce", mid))
 
+    def discard_status(self, mid: int) -> None:
+        _unlink(self._flat("status", mid))
+
     def has_bounce(self, mid: int) -> bool:
         return _exists(self._flat("bounce", mid))
 
@@ -735,17 +758,17 @@ class Queue:
         except FileNotFoundError:
             return b""
 
-    def remove_message(self, mid: int) -> None:
+    def remove_message(self, mid: int, files: set[str] | None = None) -> None:
         """Drop every file of a finished message; the message file goes last.
 
+        ``files`` names the subdirectories known to hold one (the manager keeps track), so that
+        the others are not looked at; None means any of them may.
         A crash part-way leaves either a message with nothing left to do (finished again, with no
         second bounce since bounce/ went first) or a stray mess file (removed by cleanup_stale).
         """
-        for path in (self._flat("bounce", mid), self._flat("status", mid),
-                     self._flat("todo", mid), self._flat("intd", mid),
-                     self._split("local", mid), self._split("remote", mid), self._split("info", mid),
-                     self._split("mess", mid)):
-            _unlink(path)
+        for sub in _REMOVE_ORDER:
+            if files is None or sub in files:
+                _unlink(self._flat(sub, mid) if sub in _FLAT else self._split(sub, mid))
         self._dirty.pop(mid, None)
 
     # -- crash clean-up
@@ -842,6 +865,11 @@ class Queue:
                 nxt, last = status.get(r.address, (when, None))
                 rcpts.append(QueuedRecipient(ch, r.address, False, nxt, last))
         return QueuedMessage(mid, birth, size, sender, bouncing, rcpts)
+
+
+# bounce first (no second bounce after a crash), the message file last (see remove_message)
+_REMOVE_ORDER = ("bounce", "status", "todo", "intd", "local", "remote", "info", "mess")
+_FLAT = frozenset({"bounce", "status", "todo", "intd"})
 
 
 def _check_channel(channel: str) -> None:

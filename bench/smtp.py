@@ -13,6 +13,12 @@ peak memory of serve and all its descendants (sum of PSS from /proc/PID/smaps_ro
 every 0.25 s), plus the CPU the server tree and the client used per message. The client shares
 the machine's cores with the server: its CPU is part of the result.
 
+The file system under --dir is part of what is measured. On ext4 without a journal (the root file
+system of the 2-core reference VM) every new inode costs a scan of the inodes freed there in the last
+minute or so (ext4's ``recently_deleted`` check, done only when there is no journal): the queue
+files the manager has just removed make each new message file slower, and this kernel time counts
+as the smtpd's. ``perf record -g -p <smtpd pid>`` shows it under ``find_inode_bit``.
+
 Drivers: ``python`` (default), an asyncio Protocol client in this file; ``smtp-source``, Postfix's
 C generator (Debian package postfix), cheaper per message: S sessions become lanes of
 ``smtp-source -N -t @bench.test`` over ``.qmail-1`` .. ``.qmail-K`` (aliases of the same boxes).

@@ -340,6 +340,7 @@ class Queue:
         self._committing = False
         self._commit_task: Any = None
         self._dirty: dict[int, set[str]] = {}  # mid -> channel dirs to fsync at finish_preprocess
+        self._dir_fds: dict[str, int] = {}  # enqueue_async's directories (mess/N, todo), kept open
 
     # -- names
 
@@ -416,7 +417,7 @@ class Queue:
             while self._waiting:
                 group, self._waiting = self._waiting, []
                 try:
-                    outcomes = await loop.run_in_executor(self._executor(), self._commit_group,
+                    outcomes = await loop.run_in_executor(self._executor(), self._commit_group_kept,
                                                           [args for args, _ in group])
                 except BaseException as e:  # the pool is gone (shutdown): fail this group
                     outcomes = [e] * len(group)
@@ -430,7 +431,22 @@ class Queue:
         finally:
             self._committing = False
 
-    def _commit_group(self, calls: list[tuple]) -> list[int | BaseException]:
+    def _commit_group_kept(self, calls: list[tuple]) -> list[int | BaseException]:
+        """:meth:`_commit_group` for enqueue_async: a long-lived queue (a server's) keeps the
+        descriptors of the directories it syncs open, which saves an open and a close per directory
+        and group; :meth:`close` closes them."""
+        return self._commit_group(calls, self._sync_kept_dir)
+
+    def _sync_kept_dir(self, path: str) -> None:
+        fd = self._dir_fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            if self._dir_fds.setdefault(path, fd) != fd:  # another thread opened it first
+                os.close(fd)
+                fd = self._dir_fds[path]
+        os.fsync(fd)
+
+    def _commit_group(self, calls: list[tuple], sync_dir: Any = _fsync_dir) -> list[int | BaseException]:
         """Commit several messages together: write all, sync all, link all into todo/, sync todo/."""
         outcomes: list[int | BaseException] = []
         staged: list[tuple[int, int, str, str, int]] = []  # (index, fd, mess, intd, intd fd)
@@ -455,12 +471,12 @@ class Queue:
                     os.fsync(ifd)
                     dirs.add(os.path.dirname(mess))
                 for d in sorted(dirs):
-                    _fsync_dir(d)
+                    sync_dir(d)
                 for i, _, mess, intd, _ in staged:
                     mid = int(os.path.basename(mess))
                     self._link_todo(intd, mid)
                     outcomes[i] = mid
-                _fsync_dir(f"{self._dir}/todo")
+                sync_dir(f"{self._dir}/todo")
             except BaseException as e:
                 failure = _as_failure(e, self._dir)
                 for i, _, mess, intd, _ in staged:
@@ -533,10 +549,14 @@ class Queue:
         return self._pool
 
     def close(self) -> None:
-        """Stop the enqueue_async thread pool (waiting for enqueues in progress)."""
+        """Stop the enqueue_async thread pool (waiting for enqueues in progress); close the
+        directory descriptors it kept."""
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+        fds, self._dir_fds = self._dir_fds, {}
+        for fd in fds.values():
+            os.close(fd)
 
     def _create_pid_file(self, pid: int) -> tuple[int, str]:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -582,8 +602,14 @@ class Queue:
 
     def read_todo(self, mid: int) -> Envelope:
         path = self._flat("todo", mid)
-        with open(path, "rb") as f:
-            return parse_envelope(f.read(), path)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            chunks = []
+            while chunk := os.read(fd, 65536):  # an envelope is usually one read
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return parse_envelope(b"".join(chunks), path)
 
     def write_info(self, mid: int, sender: str) -> None:
         """``info/N/id`` = ``F<sender>\\0``, fsync'd (its mtime becomes the birth)."""

@@ -150,6 +150,7 @@ class _Worker:
     loop: asyncio.AbstractEventLoop  # reads the results; the callbacks run on it
     pending: dict[int, Callable[[LocalResult], None]]
     alive: bool = True
+    last_done: int = 0  # when it last answered (a counter): the most recent idle one gets the job
 
 
 class Spawner:
@@ -269,15 +270,21 @@ class Spawner:
             except (ValueError, KeyError, TypeError) as e:
                 self.log(f"warning: delivery process {w.pid} sent an unreadable result: {e}")
                 continue
+            w.last_done = next(self._ids)
             done(result)
 
     def _worker(self, uid: int, gid: int, loop: asyncio.AbstractEventLoop) -> _Worker:
-        """The uid's least busy worker; a new one while all are busy and fewer than ``procs`` run."""
+        """An idle worker of the uid; a new one while all are busy and fewer than ``procs`` run."""
         key = (uid, gid)
         workers = self._workers.setdefault(key, [])
-        best = min(workers, key=lambda w: len(w.pending), default=None)
-        if best is not None and (not best.pending or len(workers) >= self.procs):
-            return best
+        # The idle worker that finished last: when mail trickles in, the same one or two processes
+        # (warm caches) do the work and the others sleep. A job never waits behind another while a
+        # worker is idle or another may start: a slow program delivery holds up nothing else.
+        idle = [w for w in workers if not w.pending]
+        if idle:
+            return max(idle, key=lambda w: w.last_done)
+        if len(workers) >= self.procs:
+            return min(workers, key=lambda w: len(w.pending))
         if self._ctl is None:
             raise OSError("delivery spawner not started")
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

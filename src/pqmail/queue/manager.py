@@ -53,8 +53,6 @@ IDLE_RESCAN = 25 * 60  # qmail-send looks at todo/ at least every 25 minutes
 SETTLE_AFTER = 5.0  # seconds a preprocessed message may rely on todo/ before its files are fsync'd
 PREPROCESS_WINDOW = 1000  # local deliveries waiting for a slot, at most
 INLINE_PREPROCESS = 16  # new messages preprocessed on the loop's thread; more go to a thread
-FINISH_BATCH = 32  # finished messages removed by one thread hand-off...
-FINISH_DELAY = 0.05  # ...or fewer, once the first of them waited this long (seconds)
 MAX_PROCS_PER_UID = 8  # delivery processes for one uid (each delivers one message at a time)
 
 
@@ -113,12 +111,12 @@ class Manager:
         self._unsettled: deque[tuple[float, int]] = deque()
         self._settling = False
         self.ready: deque[tuple[_Msg, object]] = deque()
-        self.in_flight = 0
+        self.in_flight = 0  # local deliveries under way (what concurrencylocal limits)
+        self.f_in_flight = 0  # finished messages waiting for, or in, their removal
         self._rheap: list[tuple[float, int]] = []  # like _heap, for remote records
         self.rready: deque[tuple[_Msg, str, str, list]] = deque()  # (msg, host, sender, records)
         self.r_in_flight = 0
         self._to_finish: list[_Msg] = []  # finished messages whose files go in the next batch
-        self._finish_due = 0.0  # when the batch goes even if it is small
         self.remote_engine = RemoteEngine(lambda: self.control, root)
         self.delivery_ids = itertools.count(1)
         self.stopping = False
@@ -179,9 +177,9 @@ class Manager:
                     self._dispatch()
                     self._queue_due_remote(now)
                     self._dispatch_remote()
-                self._start_finishes(now)  # also when stopping: those wait for nothing else
+                self._start_finishes()  # also when stopping: those wait for nothing else
                 self._maybe_settle(now)
-                busy = self.in_flight + self.r_in_flight
+                busy = self.in_flight + self.r_in_flight + self.f_in_flight
                 if self.stopping and busy == 0:
                     break
                 if self.drain and busy == 0 and not self.ready and not self.rready \
@@ -419,9 +417,7 @@ class Manager:
                     m.next_local = float("inf")
                     m.in_flight = 1
                     m.finishing = True
-                    self.in_flight += 1
-                    if not self._to_finish:
-                        self._finish_due = now + FINISH_DELAY
+                    self.f_in_flight += 1  # not a delivery: it must not hold a concurrencylocal slot
                     self._to_finish.append(m)
                 else:
                     m.next_local = float("inf")  # waits for remote delivery
@@ -438,8 +434,6 @@ class Manager:
 
     def _next_wakeup(self) -> float:
         times = [t[0] for t in (self._top(), self._rtop()) if t is not None]
-        if self._to_finish:
-            times.append(self._finish_due)
         return min(times) if times else time.time() + IDLE_RESCAN
 
     # ------------------------------------------------------------------ remote channel
@@ -604,7 +598,9 @@ class Manager:
 
     def _dispatch(self) -> None:
         limit = self.control.concurrencylocal
-        while self.ready and self.in_flight < limit:
+        # Finished messages do not hold delivery slots, but as many again waiting for their removal
+        # stop new deliveries: a crash repeats the deliveries of messages not yet removed.
+        while self.ready and self.in_flight < limit and self.f_in_flight < limit:
             m, rec = self.ready.popleft()
             self.in_flight += 1
             self._start_local(m, rec)
@@ -757,12 +753,8 @@ class Manager:
 
     # ------------------------------------------------------------------ finishing
 
-    def _start_finishes(self, now: float) -> None:
-        # Mail that arrives one message at a time finishes one at a time: gathering the removals
-        # for a moment saves a thread hand-off per message (a delivered message may stay listed
-        # by ``pqmail queue`` that long; a crash meanwhile only delivers it again).
-        if self._to_finish and (len(self._to_finish) >= FINISH_BATCH or now >= self._finish_due
-                                or self.stopping):
+    def _start_finishes(self) -> None:
+        if self._to_finish:
             batch, self._to_finish = self._to_finish, []
             self._spawn(self._finish(batch))
 
@@ -778,7 +770,7 @@ class Manager:
                 self.log(f"warning: msg {m.id}: cannot finish yet ({error}); will retry")
             m.in_flight = 0
             m.finishing = False
-            self.in_flight -= 1
+            self.f_in_flight -= 1
             if error is not None:
                 self._schedule(m, time.time() + 60)
         self._poke()

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from pqmail.maildir import deliver
 from pqmail.passwords import PasswordStore
 
 PASSWORD = "open sesame"
-BOXES = 9  # one per test that changes a box, so that tests do not see each other's mail
+BOXES = 10  # one per test that changes a box, so that tests do not see each other's mail
+CRYPT_BOX = 9  # imported with a SHA512-CRYPT hash: verified (and the box opened) on the event loop
 
 
 @dataclass
@@ -105,6 +107,12 @@ def server() -> Iterator[Server]:
     boxes = [run_pqmail("box", "add", "ex1", "--password-file", str(pwfile), "--root", str(root))
              .stdout.decode().strip() for _ in range(BOXES)]
     run_pqmail("alias", "add", "joe@example.com", boxes[1], "--root", str(root))
+    with warnings.catch_warnings():  # passlib imports the deprecated crypt module
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from passlib.hash import sha512_crypt
+        crypt_hash = sha512_crypt.using(rounds=5000).hash(PASSWORD)
+    (top / "import").write_text(f"{boxes[CRYPT_BOX]}:{crypt_hash}\n")
+    run_pqmail("box", "import", str(top / "import"), "--root", str(root))
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1", common_name="localhost")  # fetchmail checks the CN
     pem = root / "control" / "servercert.pem"
@@ -256,6 +264,35 @@ def test_in_use(server: Server) -> None:
     first.quit()
     second.user(box)
     assert second.pass_(PASSWORD).startswith(b"+OK")
+    second.quit()
+
+
+def test_crypt_box_login_retrieve_in_use_and_delete(server: Server) -> None:
+    box = server.boxes[CRYPT_BOX]
+    names = {server.deliver(box, message(i)) for i in range(3)}
+    bad = server.connect()
+    bad.user(box)
+    t0 = time.monotonic()
+    with pytest.raises(poplib.error_proto) as e:
+        bad.pass_("wrong")
+    assert time.monotonic() - t0 >= 1.0  # the same delay as any failed login
+    assert e.value.args[0] == b"-ERR [AUTH] authentication failed"
+    bad.quit()
+    p = server.login(box)
+    assert p.stat() == (3, sum(len(message(i)) + message(i).count(b"\n") for i in range(3)))
+    assert {ln.split()[1].decode() for ln in p.uidl()[1]} == names
+    assert {b"\n".join(p.retr(n)[1]) + b"\n" for n in (1, 2, 3)} == {message(i) for i in range(3)}
+    second = server.connect()
+    second.user(box)
+    with pytest.raises(poplib.error_proto) as e:
+        second.pass_(PASSWORD)
+    assert e.value.args[0] == b"-ERR [IN-USE] mailbox is in use by another session"
+    for n in (1, 2, 3):
+        p.dele(n)
+    assert p.quit().startswith(b"+OK")
+    assert os.listdir(server.maildirs[box] / "cur") == os.listdir(server.maildirs[box] / "new") == []
+    second.user(box)
+    assert second.pass_(PASSWORD).startswith(b"+OK 0 messages")
     second.quit()
 
 

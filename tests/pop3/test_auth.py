@@ -19,6 +19,7 @@ from pqmail.pop3.auth import (
     Authenticator,
     FailureTracker,
     VerifiedCache,
+    holds_gil,
     scheme_of,
     verify_apop,
     verify_secret,
@@ -187,6 +188,22 @@ def test_wrong_password_and_unknown_login_look_alike(tree: dict) -> None:
     assert (wrong.ok, wrong.temporary, unknown.ok, unknown.temporary) == (False, False, False, False)
     assert auth(tree, "", "x").ok is False
     assert auth(tree, "a\x01b", "x").ok is False
+
+
+def test_check_now_decides_what_holds_the_gil_and_leaves_the_rest_to_a_thread(tree: dict) -> None:
+    a = Authenticator(tree["root"])
+    good = a.check_now("ex1-0001", PW)  # sha512-crypt: crypt(3) holds the GIL, a thread gains nothing
+    assert good is not None and good.ok and good.box == "ex1-0001" and not good.cached
+    wrong = a.check_now("ex1-0001", "nope")
+    assert wrong is not None and not wrong.ok
+    unknown = a.check_now("ex9-0001", "nope")
+    assert unknown is not None and (unknown.ok, unknown.temporary) == (False, False)
+    assert a.check_now("ex1-0002", "other pw") is None  # argon2id releases the GIL: for a thread
+    assert a.check("ex1-0002", "other pw").ok
+    again = a.check_now("ex1-0002", "other pw")  # remembered: no hash at all
+    assert again is not None and again.ok and again.cached
+    assert holds_gil(VECTORS["sha512-crypt"]) and holds_gil("{PLAIN}x")
+    assert not holds_gil(hash_password("x")) and not holds_gil(VECTORS["bcrypt"])
 
 
 def test_address_login(tree: dict) -> None:

@@ -102,6 +102,7 @@ def test_dot_stuffing_and_bare_lf(md: Path) -> None:
     with Mailbox.open(md) as mb:
         assert body(mb, 1) == b"From: a\r\n\r\n..\r\n...x\r\n..y\r\nlast\r\n"
         assert body(mb, 1, 1) == b"From: a\r\n\r\n..\r\n"
+        assert mb.small_wire(1, 0, 1) == body(mb, 1, 1)  # kept since login: no limit applies
 
 
 def test_20mb_message_is_streamed_in_chunks(md: Path) -> None:
@@ -170,7 +171,7 @@ def test_second_session_gets_in_use(md: Path) -> None:
 def test_lock_holds_across_processes(md: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import fcntl, os, sys
-fd = os.open({str(md / LOCK_NAME)!r}, os.O_RDWR | os.O_CREAT)
+fd = os.open({str(md)!r}, os.O_RDONLY | os.O_DIRECTORY)
 fcntl.flock(fd, fcntl.LOCK_EX)
 print("locked", flush=True)
 sys.stdin.read()
@@ -182,6 +183,39 @@ sys.stdin.read()
     finally:
         holder.communicate(b"")
     Mailbox.open(md).close()
+
+
+def test_the_lock_is_on_the_maildir_itself(md: Path) -> None:
+    with Mailbox.open(md):
+        assert not (md / LOCK_NAME).exists()  # nothing created in the box: the directory is flocked
+        with pytest.raises(MailboxInUse):
+            Mailbox.begin(md)
+
+
+def test_opening_in_steps_reports_its_cost(md: Path) -> None:
+    put(md, b"a\n" * 10, age=20)
+    (md / "cur" / "1.x.host:2,S").write_bytes(b"seen\n")
+    op = Mailbox.begin(md)
+    assert op.files == 2
+    assert op.settle() == 20 + 5  # bytes still to read for sizes: neither is known yet
+    assert os.listdir(md / "new") == []
+    with op.finish() as mb:
+        assert mb.sizes == [30, 6] or mb.sizes == [6, 30]
+        with pytest.raises(MailboxInUse):
+            Mailbox.open(md)
+    op2 = Mailbox.begin(md)
+    assert op2.settle() == 0  # both sizes remembered from the first opening
+    op2.abandon()
+    Mailbox.open(md).close()  # abandoning unlocked it
+
+
+def test_small_message_read_whole(md: Path) -> None:
+    put(md, b".x\ny" * 30000)  # 150 KB: too big to be kept since login
+    with Mailbox.open(md) as mb:
+        assert mb.messages[0].text is None
+        assert mb.small_wire(1, 1000) is None
+        assert mb.small_wire(1, 200_000) == body(mb, 1)
+        assert mb.small_wire(1, 200_000, 1) == body(mb, 1, 1)  # TOP
 
 
 def test_vanished_box(tmp_path: Path) -> None:

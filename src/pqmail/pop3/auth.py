@@ -10,10 +10,12 @@ Nothing is ever read about other boxes: a login costs a few cdb probes and one s
 Stored secrets (:func:`verify_secret`): argon2id (pqmail's own), crypt(3) ``$1$`` MD5-crypt, ``$5$``
 SHA-256-crypt and ``$6$`` SHA-512-crypt (passlib), bcrypt ``$2a$``/``$2b$``/``$2y$`` (the bcrypt
 package), each optionally behind a Dovecot-style ``{SCHEME}`` prefix as imported from an existing
-installation; ``{PLAIN}``/``{CLEARTEXT}`` secrets, the only ones APOP can check. Verification runs in the
-server's threads, off its event loop (hashing is the CPU cost of a login), and successful ones are
-remembered for a while under an HMAC, with a per-process random key, of (box, password, stored hash):
-the password itself is never kept, and changing the password invalidates the entry.
+installation; ``{PLAIN}``/``{CLEARTEXT}`` secrets, the only ones APOP can check. Verification is the
+CPU cost of a login: argon2 and bcrypt run in the server's threads (they release the GIL), crypt(3)
+hashes on its event loop (:meth:`Authenticator.check_now`: they hold the GIL, a thread would gain
+nothing), and successful ones are remembered for a while under an HMAC, with a per-process random
+key, of (box, password, stored hash): the password itself is never kept, and changing the password
+invalidates the entry.
 
 Alternatively ``control/pop3checkpassword`` names a program with the checkpassword interface (fd 3:
 ``login\\0password\\0timestamp\\0``; exit 0 good, 1 bad, 111 temporary); it then decides every login,
@@ -60,6 +62,7 @@ __all__ = [
     "FailureTracker",
     "VerifiedCache",
     "checkpassword_command",
+    "holds_gil",
     "scheme_of",
     "verify_secret",
 ]
@@ -159,6 +162,19 @@ def _passlib(kind: str):
     return handler
 
 
+def holds_gil(stored: str) -> bool:
+    """Whether verifying ``stored`` keeps every other thread of the process waiting anyway.
+
+    True for crypt(3) hashes through passlib's ``os_crypt`` backend (Python's crypt module does not
+    release the GIL), for plain secrets and for what never verifies; False for argon2 and bcrypt, which
+    release it, and for passlib's pure-Python fallback, which a thread at least interleaves with others.
+    """
+    kind = scheme_of(stored)
+    if kind in ("md5-crypt", "sha256-crypt", "sha512-crypt"):
+        return _passlib(kind).get_backend() == "os_crypt"
+    return kind in ("plain", "unknown")
+
+
 def verify_apop(stored: str, timestamp: str, digest: str) -> bool:
     """RFC 1939 §7 APOP: ``digest`` == MD5(timestamp + secret), for plain-text secrets only."""
     secret = plain_secret(stored)
@@ -184,7 +200,7 @@ class VerifiedCache:
 
     def key(self, box: str, password: str, stored: str) -> bytes:
         msg = b"\0".join(s.encode("utf-8", "surrogateescape") for s in (box, password, stored))
-        return hmac.new(self._key, msg, hashlib.sha256).digest()
+        return hmac.digest(self._key, msg, "sha256")  # the one-shot C HMAC: no Python objects per call
 
     def hit(self, key: bytes) -> bool:
         if self.ttl <= 0:
@@ -408,9 +424,28 @@ class Authenticator:
     def check(self, login: str, secret: str, *, mechanism: str = "USER", authzid: str = "",
               apop_timestamp: str | None = None) -> AuthResult:
         """Check one login attempt (see :class:`AuthResult`). Blocks; never raises."""
+        result = self._check(login, secret, mechanism, authzid, apop_timestamp, inline=False)
+        assert result is not None
+        return result
+
+    def check_now(self, login: str, secret: str, *, mechanism: str = "USER", authzid: str = "",
+                  apop_timestamp: str | None = None) -> AuthResult | None:
+        """:meth:`check` when a thread would not help, else None (then call :meth:`check` in a thread).
+
+        A thread helps only while it lets others run: a checkpassword program, argon2 and bcrypt release
+        the GIL, crypt(3) does not (its 2 ms at 5,000 SHA-512 rounds hold the event loop either way, so
+        the hand-off to a thread and back would be pure cost). Unknown logins, remembered verifications,
+        plain secrets and APOP need no hash at all.
+        """
+        return self._check(login, secret, mechanism, authzid, apop_timestamp, inline=True)
+
+    def _check(self, login: str, secret: str, mechanism: str, authzid: str, apop_timestamp: str | None,
+               inline: bool) -> AuthResult | None:
         if authzid and authzid != login:
             return AuthResult(False, detail="authorization identity differs from the login")
         if self.checkpassword is not None:
+            if inline:
+                return None
             return self._checkpassword(login, secret, apop_timestamp if mechanism == "APOP" else None)
         try:
             found = self.lookup(login)
@@ -425,6 +460,8 @@ class Authenticator:
         key = self.cache.key(box, secret, stored)
         if self.cache.hit(key):
             return AuthResult(True, box, maildir, cached=True)
+        if inline and not holds_gil(stored):
+            return None
         if not verify_secret(stored, secret):
             return AuthResult(False, box, detail=f"wrong password ({scheme_of(stored)})")
         self.cache.add(key)

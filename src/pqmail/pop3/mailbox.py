@@ -1,7 +1,8 @@
 """A POP3 maildrop on a Maildir, opened and updated as qmail-pop3d does it (qmail-semantics.md §8.3, §9).
 
-:meth:`Mailbox.open` takes an exclusive ``flock`` on ``<maildir>/.pop3lock`` (RFC 1939 §8: one session
-per maildrop; a second one gets :class:`MailboxInUse`), removes ``tmp/`` files untouched for 36 hours,
+:meth:`Mailbox.open` takes an exclusive ``flock`` on the Maildir directory (RFC 1939 §8: one session
+per maildrop; a second one gets :class:`MailboxInUse`; on a filesystem that refuses to flock a directory,
+NFS, on ``<maildir>/.pop3lock`` instead), removes ``tmp/`` files untouched for 36 hours,
 moves every message in ``new/`` to ``cur/<name>:2,`` (the unique part before ``:`` never changes, so
 neither does its UIDL), and lists ``cur/`` once, oldest first. Nothing else in the maildir changes
 until :meth:`Mailbox.commit` (QUIT), which unlinks the deleted messages and fsyncs ``cur/`` before the
@@ -19,11 +20,14 @@ unique part (those cannot contain ``:``).
 
 What it trusts: the maildir path from the password store. What it never does: follow symlinks out of
 the maildir, delete anything before QUIT, or raise anything but :class:`MailboxError` for a box that
-vanished or cannot be read. Every call here blocks on the disk: the server runs them in threads.
+vanished or cannot be read. Every call here blocks on the disk. Opening goes in steps
+(:meth:`Mailbox.begin`, :class:`Opening`) so that the server can open a small box on its event loop (a few
+dozen quick system calls, cheaper than a hand-off to a thread and back) and a big one in a thread.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -33,9 +37,9 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from pqmail.pop3.protocol import BodyEncoder
+from pqmail.pop3.protocol import BodyEncoder, wire_size
 
-__all__ = ["LOCK_NAME", "Mailbox", "MailboxError", "MailboxInUse", "Message", "uidl_for"]
+__all__ = ["LOCK_NAME", "Mailbox", "MailboxError", "MailboxInUse", "Message", "Opening", "uidl_for"]
 
 LOCK_NAME = ".pop3lock"
 READ_CHUNK = 256 * 1024
@@ -48,6 +52,8 @@ _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _O_MSG = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 _O_LOCK = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
 _UIDL_OK = re.compile(r"[\x21-\x7e]{1,70}")
+# flock of a directory refused: NFS (byte-range locks need a file open for writing), odd filesystems
+_NO_DIR_LOCK = frozenset({errno.EBADF, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL})
 
 
 class MailboxError(Exception):
@@ -74,6 +80,7 @@ class Message:
     raw_size: int
     mtime: float
     text: bytes | None = None  # the file's content, when small enough to keep
+    name: str = ""  # the file's name in cur/
 
 
 def uidl_for(uniq: str) -> str:
@@ -126,14 +133,23 @@ class Mailbox:
     @classmethod
     def open(cls, maildir: str | os.PathLike[str], now: float | None = None) -> Mailbox:
         """Lock and list ``maildir``; raises MailboxInUse or MailboxError, never OSError."""
+        return cls.begin(maildir, now).finish()
+
+    @classmethod
+    def begin(cls, maildir: str | os.PathLike[str], now: float | None = None) -> Opening:
+        """The first step of :meth:`open`: lock, clean ``tmp/``, list ``new/`` and ``cur/`` (names only).
+
+        Costs a handful of system calls whatever the box holds; :attr:`Opening.files` then tells what
+        the rest will cost, so that a caller on an event loop can finish a small box itself and hand a
+        big one to a thread. Raises MailboxInUse or MailboxError (and then holds no lock).
+        """
         md = os.fspath(maildir).rstrip("/") or "/"
         fd = _lock(md)
         try:
-            messages = _load(md, time.time() if now is None else now)
+            return Opening(md, fd, time.time() if now is None else now)
         except BaseException:
             os.close(fd)
             raise
-        return cls(md, fd, messages)
 
     def close(self) -> None:
         """Release the lock (deleting nothing)."""
@@ -162,8 +178,30 @@ class Mailbox:
         text = self.messages[number - 1].text
         if text is None:
             return None
-        enc = BodyEncoder()
-        return enc.feed(text) + enc.finish()
+        return _wire(text)
+
+    def small_wire(self, number: int, limit: int, lines: int | None = None) -> bytes | None:
+        """RETR's (or with ``lines``, TOP's) body of message ``number``, whole, when its text is kept or its
+        file is at most ``limit`` bytes; else None.
+
+        For the server to answer a small message without a thread: no file, or one open and read.
+        Raises MailboxError as :meth:`chunks` does.
+        """
+        msg = self.messages[number - 1]
+        if msg.text is not None:
+            return _wire(msg.text, lines)
+        if msg.raw_size > limit:
+            return None
+        fd = _open_message(msg.path)
+        try:
+            data = os.read(fd, msg.raw_size + 1)
+        except OSError as e:
+            raise MailboxError("SYS/TEMP", f"unable to read that message: {e.strerror}") from None
+        finally:
+            os.close(fd)
+        if len(data) > msg.raw_size:  # it grew (a Maildir file never should): stream it instead
+            return None
+        return _wire(data, lines)
 
     def chunks(self, number: int, lines: int | None = None) -> Iterator[bytes]:
         """The wire form of message ``number`` (1-based) for RETR (``lines`` None) or TOP, in chunks.
@@ -178,16 +216,11 @@ class Mailbox:
             if out:
                 yield out
             return
+        fd = _open_message(msg.path)
         try:
-            fd = os.open(msg.path, _O_MSG)
-        except FileNotFoundError:
-            raise MailboxError("SYS/PERM", "message has been removed by another program") from None
-        except OSError as e:
-            raise MailboxError("SYS/TEMP", f"unable to open that message: {e.strerror}") from None
-        with open(fd, "rb", buffering=0, closefd=True) as f:
             while not enc.done:
                 try:
-                    block = f.read(READ_CHUNK)
+                    block = os.read(fd, READ_CHUNK)
                 except OSError as e:
                     raise MailboxError("SYS/TEMP", f"unable to read that message: {e.strerror}") from None
                 if not block:
@@ -195,6 +228,8 @@ class Mailbox:
                 out = enc.feed(block)
                 if out:
                     yield out
+        finally:
+            os.close(fd)
         tail = enc.finish()
         if tail:
             yield tail
@@ -204,36 +239,110 @@ class Mailbox:
     def commit(self, deleted: Iterable[int]) -> int:
         """Unlink messages ``deleted`` (1-based numbers) and fsync ``cur/``; return how many failed.
 
-        A message already gone counts as deleted. If the fsync fails, every deletion counts as failed:
-        it is not known to be durable.
+        A message already gone counts as deleted. If ``cur/`` cannot be opened or the fsync fails, every
+        deletion counts as failed: it is not known to be durable.
         """
         numbers = list(deleted)
         if not numbers:
             return 0
-        failed = 0
-        dirs = set()
-        for n in numbers:
-            path = self.messages[n - 1].path
-            dirs.add(os.path.dirname(path))
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            except OSError:
-                failed += 1
+        # every message lives in cur/ (open moved new/ there): one directory descriptor serves the
+        # unlinks (no path walk each) and the fsync; opened first, so a vanished cur/ fails them all
         try:
-            for d in dirs:
-                _fsync_dir(d)
+            dfd = os.open(f"{self.maildir}/cur", _O_DIR)
         except OSError:
             return len(numbers)
-        return failed
+        try:
+            failed = 0
+            for n in numbers:
+                try:
+                    os.unlink(self.messages[n - 1].name, dir_fd=dfd)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    failed += 1
+            try:
+                os.fsync(dfd)
+            except OSError:
+                return len(numbers)
+            return failed
+        finally:
+            os.close(dfd)
+
+
+class Opening:
+    """A maildrop locked and listed by :meth:`Mailbox.begin`, not yet settled; :meth:`finish` completes it.
+
+    ``files`` is the number of names in ``new/`` and ``cur/``: what :meth:`settle` will rename and stat.
+    :meth:`settle` returns how many bytes :meth:`finish` will read to count line ends (sizes not known
+    from an earlier session). Each step raises only MailboxError, after releasing the lock;
+    :meth:`abandon` releases it when the caller gives up (a client that left).
+    """
+
+    def __init__(self, md: str, lock_fd: int, now: float) -> None:
+        self.md = md
+        self._lock_fd = lock_fd
+        self._entries: list[tuple[str, os.stat_result]] | None = None
+        try:
+            _clean_tmp(f"{md}/tmp", now)
+            with os.scandir(f"{md}/new") as it:
+                self._new = [e for e in it if not e.name.startswith(".")]
+            with os.scandir(f"{md}/cur") as it:
+                self._cur = [e for e in it if not e.name.startswith(".")]
+        except FileNotFoundError:
+            raise MailboxError("SYS/PERM", "this box is not a Maildir (no new/ or cur/)") from None
+        except OSError as e:
+            raise MailboxError("SYS/TEMP", f"unable to read the Maildir: {e.strerror}") from None
+        self.files = len(self._new) + len(self._cur)
+
+    def abandon(self) -> None:
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    def settle(self) -> int:
+        """Move ``new/`` to ``cur/`` and stat every message (once); the bytes :meth:`finish` will read."""
+        if self._entries is None:
+            try:
+                self._entries = _settle(self.md, self._new, self._cur)
+            except BaseException:
+                self.abandon()
+                raise
+        return sum(st.st_size for _, st in self._entries if _sizes.get(_stat_key(st)) is None)
+
+    def finish(self) -> Mailbox:
+        """Settle if not yet done, count the sizes not known, and hand over the lock to the Mailbox."""
+        self.settle()
+        assert self._entries is not None
+        try:
+            messages = _measure_all(self.md, self._entries)
+        except BaseException:
+            self.abandon()
+            raise
+        fd, self._lock_fd = self._lock_fd, -1
+        return Mailbox(self.md, fd, messages)
 
 
 # ----------------------------------------------------------------------------- helpers
 
 def _lock(md: str) -> int:
+    """An exclusive flock on the Maildir directory itself (no lock file to create: creating one costs
+    more than the rest of opening a small box); .pop3lock where the filesystem refuses that (NFS
+    emulates flock with byte-range locks, which need a file open for writing)."""
     try:
-        fd = os.open(os.path.join(md, LOCK_NAME), _O_LOCK, 0o600)
+        try:
+            return _open_locked(md, _O_DIR)
+        except OSError as e:
+            if e.errno not in _NO_DIR_LOCK:
+                raise
+        return _open_locked(os.path.join(md, LOCK_NAME), _O_LOCK)
+    except OSError as e:
+        raise MailboxError("SYS/TEMP", f"unable to lock the Maildir: {e.strerror}") from None
+
+
+def _open_locked(path: str, flags: int) -> int:
+    """``path`` opened and flock'ed; MailboxError/MailboxInUse, or the OSError of flock itself."""
+    try:
+        fd = os.open(path, flags, 0o600)
     except FileNotFoundError:
         raise MailboxError("SYS/PERM", "this box has no Maildir") from None
     except NotADirectoryError:
@@ -245,23 +354,49 @@ def _lock(md: str) -> int:
     except BlockingIOError:
         os.close(fd)
         raise MailboxInUse() from None
-    except OSError as e:
+    except OSError:
         os.close(fd)
-        raise MailboxError("SYS/TEMP", f"unable to lock the Maildir: {e.strerror}") from None
+        raise
     return fd
 
 
-def _load(md: str, now: float) -> list[Message]:
-    cur = f"{md}/cur"
+def _settle(md: str, new: list[os.DirEntry[str]],
+            cur: list[os.DirEntry[str]]) -> list[tuple[str, os.stat_result]]:
+    """new/<name> -> cur/<name>:2, (qmail-pop3d does it at QUIT; we do it at login, once); then the
+    (name, stat) of every regular file in cur/, oldest first."""
+    entries: list[tuple[str, os.stat_result]] = []
+    names = {e.name for e in cur}
     try:
-        _clean_tmp(f"{md}/tmp", now)
-        _move_new(f"{md}/new", cur)
-        entries = _list(cur)
-    except FileNotFoundError:
-        raise MailboxError("SYS/PERM", "this box is not a Maildir (no new/ or cur/)") from None
+        for e in cur:
+            try:
+                if e.is_file(follow_symlinks=False):
+                    entries.append((e.name, e.stat(follow_symlinks=False)))
+            except FileNotFoundError:
+                continue
+        for e in new:
+            name = e.name
+            target = name if ":" in name else f"{name}:2,"
+            # never overwrite: that would lose a message (the cur/ listing is from a moment ago, and
+            # only a program ignoring the lock could add this name meanwhile: unique names never repeat)
+            if target in names:
+                continue
+            try:
+                # a rename keeps inode, size and mtime: this stat holds for the file under its cur/ name
+                st = e.stat(follow_symlinks=False) if e.is_file(follow_symlinks=False) else None
+                os.rename(f"{md}/new/{name}", f"{md}/cur/{target}")
+            except FileNotFoundError:
+                continue
+            names.add(target)
+            if st is not None:
+                entries.append((target, st))
     except OSError as e:
         raise MailboxError("SYS/TEMP", f"unable to read the Maildir: {e.strerror}") from None
     entries.sort(key=lambda e: (e[1].st_mtime, e[0]))
+    return entries
+
+
+def _measure_all(md: str, entries: list[tuple[str, os.stat_result]]) -> list[Message]:
+    cur = f"{md}/cur"
     budget = SESSION_BUDGET
     seen: set[str] = set()
     out = []
@@ -279,37 +414,8 @@ def _load(md: str, now: float) -> list[Message]:
             raise MailboxError("SYS/TEMP", f"unable to read a message: {e.strerror}") from None
         if text is not None:
             budget -= len(text)
-        out.append(Message(path, uid, size, st.st_size, st.st_mtime, text))
+        out.append(Message(path, uid, size, st.st_size, st.st_mtime, text, name))
     return out
-
-
-def _list(d: str) -> list[tuple[str, os.stat_result]]:
-    out = []
-    with os.scandir(d) as it:
-        for entry in it:
-            if entry.name.startswith("."):
-                continue
-            try:
-                if not entry.is_file(follow_symlinks=False):
-                    continue
-                out.append((entry.name, entry.stat(follow_symlinks=False)))
-            except FileNotFoundError:
-                continue
-    return out
-
-
-def _move_new(new: str, cur: str) -> None:
-    """new/<name> -> cur/<name>:2, (qmail-pop3d does it at QUIT; we do it at login, once)."""
-    with os.scandir(new) as it:
-        names = [e.name for e in it if not e.name.startswith(".")]
-    for name in names:
-        target = f"{cur}/{name}" if ":" in name else f"{cur}/{name}:2,"
-        if os.path.lexists(target):
-            continue  # never overwrite: that would lose a message
-        try:
-            os.rename(f"{new}/{name}", target)
-        except FileNotFoundError:
-            continue
 
 
 def _clean_tmp(tmp: str, now: float) -> None:
@@ -334,27 +440,38 @@ def _measure(path: str, st: os.stat_result, budget: int) -> tuple[int, bytes | N
     if known is not None:
         return known, None
     fd = os.open(path, _O_MSG)
-    with open(fd, "rb", buffering=0, closefd=True) as f:
+    try:
         if st.st_size <= SMALL and st.st_size <= budget:
-            text = f.read()
-            size = len(text) + text.count(b"\n") + (2 if text and not text.endswith(b"\n") else 0)
-            _sizes.put(key, size)
-            return size, text
-        lfs = 0
-        total = 0
-        last = b"\n"
-        while block := f.read(READ_CHUNK):
+            # one read of one byte more than the stat said: a short read of a regular file is its end
+            text = os.read(fd, st.st_size + 1)
+            if len(text) <= st.st_size:
+                size = wire_size(text)
+                _sizes.put(key, size)
+                return size, text
+            lfs, total, last = text.count(b"\n"), len(text), text[-1:]
+        else:
+            lfs, total, last = 0, 0, b"\n"
+        while block := os.read(fd, READ_CHUNK):
             lfs += block.count(b"\n")
             total += len(block)
             last = block[-1:]
+    finally:
+        os.close(fd)
     size = total + lfs + (2 if total and last != b"\n" else 0)
-    _sizes.put(key, size)
+    if total == st.st_size:
+        _sizes.put(key, size)
     return size, None
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, _O_DIR)
+def _open_message(path: str) -> int:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return os.open(path, _O_MSG)
+    except FileNotFoundError:
+        raise MailboxError("SYS/PERM", "message has been removed by another program") from None
+    except OSError as e:
+        raise MailboxError("SYS/TEMP", f"unable to open that message: {e.strerror}") from None
+
+
+def _wire(text: bytes, lines: int | None = None) -> bytes:
+    enc = BodyEncoder(lines)
+    return enc.feed(text) + enc.finish()

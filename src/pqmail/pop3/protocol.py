@@ -280,7 +280,7 @@ class POP3Connection:
 
     # -- input and output
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """What the client sent; ``b""`` means it closed its side."""
         if data:
             if self._eof:

@@ -3,10 +3,13 @@
 What it does: accepts POP3 (port 110, with STLS when ``control/servercert.pem`` exists) and POP3S
 (port 995, implicit TLS) on sockets the caller bound, runs one :class:`~pqmail.pop3.protocol.POP3Connection`
 per client, checks logins with :class:`~pqmail.pop3.auth.Authenticator` and serves the box with
-:class:`~pqmail.pop3.mailbox.Mailbox`. Nothing that blocks runs on the event loop: a login (the
-password hash, then opening the box) is one hop to a login thread, message reads and QUIT's fsync go
-to disk threads. Run one such process per core on the same sockets (``pqmail pop3d --workers``):
-hashing then uses every core (argon2 and bcrypt release the GIL; crypt(3) needs the other processes).
+:class:`~pqmail.pop3.mailbox.Mailbox`. What is quicker than a hand-off to a thread and back runs on
+the event loop: a crypt(3) hash (2 ms at SHA512-CRYPT's 5,000 rounds; it holds the GIL, so a thread
+would only add the hand-off), opening a small box, reading a small message. What may take long goes to
+threads, one hop each: argon2 and bcrypt hashes and checkpassword (login threads, which they share
+with the loop by releasing the GIL), big boxes, big messages and QUIT's unlinks and fsync (disk
+threads). Run one such process per core on the same sockets (``pqmail pop3d --workers``): hashing then
+uses every core.
 One log line per login, logout and failed login. SIGTERM stops accepting and lets sessions finish for
 a grace period; SIGHUP re-reads the control files below and the certificate.
 
@@ -56,7 +59,7 @@ from pqmail.config.control import read_value
 from pqmail.errors import ConfigError, UsageError
 from pqmail.paths import Root
 from pqmail.pop3.auth import Authenticator, AuthResult, FailureTracker, checkpassword_command
-from pqmail.pop3.mailbox import Mailbox, MailboxError, MailboxInUse
+from pqmail.pop3.mailbox import Mailbox, MailboxError, MailboxInUse, Opening
 from pqmail.pop3.protocol import (
     NEED_DATA,
     Authenticate,
@@ -66,8 +69,11 @@ from pqmail.pop3.protocol import (
     RemoteProtocolError,
     Retrieve,
     StartTLS,
+    State,
 )
 from pqmail.supervisor import drop_privileges
+
+_Decided = tuple[AuthResult, Mailbox | MailboxError | Opening | None]  # what login_now decided
 
 __all__ = ["Pop3Server", "Pop3Settings", "load_settings", "preload", "serve_pop3_listeners"]
 
@@ -76,6 +82,13 @@ CLOSE_LINGER = 10.0  # seconds a closed session's last bytes may wait for a clie
 TLS_HANDSHAKE_TIMEOUT = 30.0
 WRITE_HIGH_WATER = 256 * 1024
 FAILURE_WINDOW = 300.0
+RECV_BUFFER = 64 * 1024  # one per process: every read is handed to the session's core at once
+# What is done on the event loop rather than in a thread. A hand-off to a thread and back costs two
+# thread switches and wake-ups; a small Maildir (a few dozen quick system calls) or a small message
+# file (open, read, close) costs less, and keeps the loop's GIL to itself.
+INLINE_FILES = 100  # names in new/ and cur/ together: a box with more is opened in a thread
+INLINE_READ = 256 * 1024  # bytes to read to count line ends at login: more, and a thread does it
+INLINE_RETR = 64 * 1024  # a message file up to this size is read on the loop for RETR
 
 
 # ----------------------------------------------------------------------------- settings
@@ -152,13 +165,16 @@ class _Abort(Exception):
     """End this session now (the client vanished, or a message broke mid-transfer)."""
 
 
-class _Session(asyncio.Protocol):
+class _Session(asyncio.BufferedProtocol):
     """One client connection: feeds the sans-IO core and carries out its events.
 
     An asyncio Protocol rather than streams: a command answered from the listing (most of them) costs
-    one ``data_received`` and one ``write``, no task switch. An event that must wait (a login, a message
-    from disk, QUIT's deletions, STLS) runs as a task while reading is paused; commands the client
-    pipelined meanwhile wait in the core's buffer.
+    one read and one ``write``, no task switch. A buffered one: the transport reads into the server's
+    one receive buffer instead of allocating a fresh 256 KB bytes object for every command line. A login
+    with a crypt(3) hash, a small box and small messages are handled right there too (see
+    :meth:`Pop3Server.login_now`). What must wait (a slow hash, a big box, a big message, QUIT's
+    deletions, STLS) runs as a task while reading is paused; commands the client pipelined meanwhile
+    wait in the core's buffer.
     """
 
     def __init__(self, server: Pop3Server, kind: str) -> None:
@@ -170,6 +186,7 @@ class _Session(asyncio.Protocol):
         self.conn: POP3Connection | None = None
         self.task: asyncio.Task | None = None  # the event being carried out
         self.mailbox: Mailbox | None = None
+        self.opening: Opening | None = None  # a box locked at login, being finished in a thread
         self.box: str | None = None
         self.retrieved = self.deleted = self.octets = 0
         self.last = self.loop.time()  # the client's last sign of life
@@ -204,11 +221,17 @@ class _Session(asyncio.Protocol):
         self.timer = self.loop.call_at(self.last + st.idle_timeout, self._idle_check)
         self._pump()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.server.recv_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.server.recv_view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.closed or self.conn is None:
             return
         self.last = self.loop.time()
-        self.conn.receive_data(data)
+        self.conn.receive_data(data)  # copied into the core's buffer: the receive buffer is free again
         if self.task is None:
             self._pump()
 
@@ -261,15 +284,24 @@ class _Session(asyncio.Protocol):
                 return
             if isinstance(event, Retrieve) and self._retrieve_now(event):
                 continue
+            decided: _Decided | None = None
+            started = 0.0
+            if isinstance(event, Authenticate):
+                started = self.loop.time()
+                decided = self.server.login_now(self, event)
+                if decided is not None and self.server.answer_login(self, event, *decided):
+                    continue
+                if decided is not None and isinstance(decided[1], Opening):
+                    self.opening = decided[1]  # unlocked by _cleanup if the task never gets to it
             assert self.transport is not None
             self.transport.pause_reading()
-            self.task = self.loop.create_task(self._carry_out(event))
+            self.task = self.loop.create_task(self._carry_out(event, decided, started))
             return
 
-    async def _carry_out(self, event: object) -> None:
+    async def _carry_out(self, event: object, decided: _Decided | None = None, started: float = 0.0) -> None:
         try:
             if isinstance(event, Authenticate):
-                await self.server.authenticate(self, event)
+                await self.server.authenticate(self, event, decided, started)
             elif isinstance(event, Retrieve):
                 await self._retrieve(event)
             elif isinstance(event, Quit):
@@ -290,6 +322,9 @@ class _Session(asyncio.Protocol):
             self.task = None
         if self.closed:
             self._cleanup()
+            return
+        if isinstance(event, Quit) and self.conn is not None and self.conn.state is State.CLOSED:
+            self._pump()  # only the last reply and the close are left: reading stays paused
             return
         assert self.transport is not None
         self.transport.resume_reading()
@@ -325,6 +360,9 @@ class _Session(asyncio.Protocol):
             srv.per_ip[self.ip] -= 1
             if srv.per_ip[self.ip] <= 0:
                 del srv.per_ip[self.ip]
+        if self.opening is not None:
+            self.opening.abandon()
+            self.opening = None
         if self.mailbox is not None:
             self.mailbox.close()
             self.mailbox = None
@@ -361,19 +399,24 @@ class _Session(asyncio.Protocol):
     # -- events
 
     def _retrieve_now(self, ev: Retrieve) -> bool:
-        """RETR of a message kept in memory since login: answered at once, no thread, no file."""
-        if ev.lines is not None or self.mailbox is None:
-            return False
-        data = self.mailbox.cached_wire(ev.number)
-        if data is None:
+        """RETR/TOP of a message kept in memory since login, or of a small file: answered at once."""
+        if self.mailbox is None:
             return False
         conn = self.conn
         assert conn is not None
+        try:
+            data = self.mailbox.small_wire(ev.number, INLINE_RETR, ev.lines)
+        except MailboxError as e:
+            conn.message_unavailable(e.text, e.code)
+            return True
+        if data is None:
+            return False
         conn.message_follows()
         head = conn.data_to_send()
         conn.message_end()
         self._write(b"".join((head, data, conn.data_to_send())))
-        self.retrieved += 1
+        if ev.lines is None:
+            self.retrieved += 1
         self.octets += len(data)
         return True
 
@@ -414,6 +457,9 @@ class _Session(asyncio.Protocol):
                 await asyncio.wait([fut])
                 raise
         self.deleted = len(ev.deleted) - failed
+        # unlocked before the last reply goes out: a client that logs in again as soon as it has read
+        # it (possibly to another worker process) must find the box free
+        self.mailbox.close()
         self.conn.quit_done(failed)
 
     async def _starttls(self) -> None:
@@ -444,6 +490,7 @@ class Pop3Server:
         self.disk = ThreadPoolExecutor(max_workers=16, thread_name_prefix="pop3-disk")
         self.sessions: set[_Session] = set()
         self.per_ip: Counter[str] = Counter()
+        self.recv_view = memoryview(bytearray(RECV_BUFFER))  # shared: the loop runs one read at a time
         self._apop_counter = 0
         self.apply(settings)
 
@@ -489,45 +536,99 @@ class Pop3Server:
 
     # -- logins
 
-    async def authenticate(self, s: _Session, ev: Authenticate) -> None:
-        loop = asyncio.get_running_loop()
+    def login_now(self, s: _Session, ev: Authenticate) -> _Decided | None:
+        """The login decided on the event loop, where that is cheaper than a thread; None: use one.
+
+        Decided here: whatever :meth:`Authenticator.check_now` decides (crypt(3) hashes, which hold the
+        GIL anyway, unknown logins, remembered verifications), then the box, opened here when it is small
+        (:data:`INLINE_FILES`, :data:`INLINE_READ`) and otherwise returned as an :class:`Opening` (locked)
+        for a thread to finish. A blocked address is left to :meth:`authenticate` (its reply waits).
+        """
+        if self.failures.blocked(s.ip):
+            return None
         conn = s.conn
         assert conn is not None
-        started = loop.time()
-        if self.failures.blocked(s.ip):
-            result: AuthResult | None = None
-            opened: Mailbox | MailboxError | None = None
-            detail = "too many failed logins from this address"
-        else:
-            result, opened = await self._login(ev, conn.apop_timestamp)
-            detail = result.detail
+        result = self.auth.check_now(ev.login, ev.secret, mechanism=ev.mechanism, authzid=ev.authzid,
+                                     apop_timestamp=conn.apop_timestamp)
+        if result is None:
+            return None
+        if not result.ok:
+            return result, None
+        assert result.maildir is not None
+        try:
+            opening = Mailbox.begin(result.maildir)
+            if opening.files <= INLINE_FILES and opening.settle() <= INLINE_READ:
+                return result, opening.finish()
+        except MailboxError as e:
+            return result, e
+        return result, opening
+
+    def answer_login(self, s: _Session, ev: Authenticate, result: AuthResult | None,
+                     opened: Mailbox | MailboxError | Opening | None) -> bool:
+        """Answer a decided login; False when the answer must wait (a failure's delay, a box to finish)."""
+        conn = s.conn
+        assert conn is not None
         if result is not None and result.temporary:
-            self.log(f"login trouble login={_printable(ev.login)} ip={s.ip}: {detail}")
+            self.log(f"login trouble login={_printable(ev.login)} ip={s.ip}: {result.detail}")
             conn.auth_failed("SYS/TEMP", "temporary failure, try again later")
-            return
-        if result is None or not result.ok:
-            self.failures.record(s.ip)
-            self.log(f"auth failed login={_printable(ev.login)} ip={s.ip} ({ev.mechanism}): {detail}")
-            # the reply comes fail_delay after the attempt, however long checking took: an unknown
-            # login and a wrong password look the same, and guessing is slow
-            wait = self.settings.fail_delay - (loop.time() - started)
-            if wait > 0:
-                await asyncio.sleep(wait)
-            conn.auth_failed("AUTH", "authentication failed")
-            return
+            return True
+        if result is None or not result.ok or isinstance(opened, Opening):
+            return False
         if isinstance(opened, MailboxError):
             why = "in use" if isinstance(opened, MailboxInUse) else f"mailbox trouble: {opened.text}"
             self.log(f"login {result.box} ip={s.ip}: {why}")
             conn.auth_failed(opened.code, opened.text)
-            return
+            return True
         assert isinstance(opened, Mailbox)
         if s.closed:  # the client left while we checked
             opened.close()
-            return
+            return True
         s.mailbox, s.box = opened, result.box
         conn.auth_succeeded(opened.sizes, opened.uids)
         self.log(f"login {result.box} ip={s.ip} messages={len(opened.messages)}"
                  f"{' (cached)' if result.cached else ''}")
+        return True
+
+    async def authenticate(self, s: _Session, ev: Authenticate, decided: _Decided | None = None,
+                           started: float | None = None) -> None:
+        """The rest of a login :meth:`login_now` did not finish (with ``decided`` None: all of it)."""
+        loop = asyncio.get_running_loop()
+        conn = s.conn
+        assert conn is not None
+        if started is None:
+            started = loop.time()
+        detail = "too many failed logins from this address"
+        if decided is not None:
+            result, opened = decided
+        elif self.failures.blocked(s.ip):
+            result, opened = None, None
+        else:
+            result, opened = await self._login(ev, conn.apop_timestamp)
+        if isinstance(opened, Opening):
+            opened = await self._finish_opening(s, opened)
+        if self.answer_login(s, ev, result, opened):
+            return
+        if result is not None:
+            detail = result.detail
+        self.failures.record(s.ip)
+        self.log(f"auth failed login={_printable(ev.login)} ip={s.ip} ({ev.mechanism}): {detail}")
+        # the reply comes fail_delay after the attempt, however long checking took: an unknown
+        # login and a wrong password look the same, and guessing is slow
+        wait = self.settings.fail_delay - (loop.time() - started)
+        if wait > 0:
+            await asyncio.sleep(wait)
+        conn.auth_failed("AUTH", "authentication failed")
+
+    async def _finish_opening(self, s: _Session, opening: Opening) -> Mailbox | MailboxError:
+        """A big box's :meth:`Opening.finish` in a disk thread; the session's cleanup unlocks it if we are
+        cancelled before the thread starts, the thread's end if after."""
+        fut = asyncio.get_running_loop().run_in_executor(self.disk, _finish, opening)
+        s.opening = None  # from here on, the future owns the lock
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            fut.add_done_callback(_close_finished)
+            raise
 
     def _login_blocking(self, ev: Authenticate,
                         timestamp: str | None) -> tuple[AuthResult, Mailbox | MailboxError | None]:
@@ -588,6 +689,18 @@ class Pop3Server:
             await asyncio.sleep(0.05)
         self.disk.shutdown(wait=False)
         self.logins.shutdown(wait=False, cancel_futures=True)
+
+
+def _finish(opening: Opening) -> Mailbox | MailboxError:
+    try:
+        return opening.finish()
+    except MailboxError as e:
+        return e
+
+
+def _close_finished(fut: asyncio.Future) -> None:
+    if not fut.cancelled() and fut.exception() is None and isinstance(fut.result(), Mailbox):
+        fut.result().close()
 
 
 def _close_opened(fut: asyncio.Future) -> None:

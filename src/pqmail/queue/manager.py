@@ -117,6 +117,7 @@ class Manager:
         self.rready: deque[tuple[_Msg, str, str, list]] = deque()  # (msg, host, sender, records)
         self.r_in_flight = 0
         self._to_finish: list[_Msg] = []  # finished messages whose files go in the next batch
+        self._rescan_after_finish = False
         self.remote_engine = RemoteEngine(lambda: self.control, root)
         self.delivery_ids = itertools.count(1)
         self.stopping = False
@@ -350,7 +351,12 @@ class Manager:
         # Reading todo/ writes nothing (no journal to wait for): a few messages are cheaper here
         # than two thread hand-offs; a backlog goes to a thread.
         ids = self.queue.list_todo()
-        ids = [i for i in ids if i not in self.msgs]
+        msgs = self.msgs
+        if any(msgs[i].finishing for i in ids if i in msgs):
+            # A message being removed freed its id (an inode) and a new message got it before
+            # the old one left self.msgs: look at todo/ again once the removal is over.
+            self._rescan_after_finish = True
+        ids = [i for i in ids if i not in msgs]
         if len(ids) > room:
             ids = ids[:room]
             self.todo_wanted = True
@@ -773,6 +779,9 @@ class Manager:
             self.f_in_flight -= 1
             if error is not None:
                 self._schedule(m, time.time() + 60)
+        if self._rescan_after_finish:
+            self._rescan_after_finish = False
+            self.todo_wanted = True
         self._poke()
 
     def _finish_many(self, batch: list[_Msg]) -> list[Exception | None]:

@@ -54,7 +54,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
+from pqmail import aio
 from pqmail.config.control import read_value
 from pqmail.errors import ConfigError, UsageError
 from pqmail.paths import Root
@@ -199,8 +201,7 @@ class _Session(asyncio.BufferedProtocol):
     # -- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
@@ -742,7 +743,7 @@ def serve_pop3_listeners(root: Root | str | os.PathLike[str], listeners: Iterabl
     server = Pop3Server(root, load_settings(root), log=log)  # reads the key file
     if drop_to is not None:
         drop_privileges(*drop_to)
-    asyncio.run(server.serve(list(listeners), ready))
+    aio.run(server.serve(list(listeners), ready))
 
 
 # Importing this module loads every hash backend: `pqmail serve` imports it in the supervisor, then

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pqmail import routing
+from pqmail import aio, routing
 from pqmail.config.assign import UsersDB
 from pqmail.config.casefold import ascii_lower
 from pqmail.config.control import Control, control_stamp, load_control
@@ -135,7 +135,7 @@ class Manager:
         self._lock_mutex()
         self.spawner.start()  # forks the root zygote: must precede every thread
         try:
-            asyncio.run(self._main())
+            aio.run(self._main())
         finally:
             self.spawner.close()
             os.close(self._mutex_fd)

@@ -62,6 +62,7 @@ import argon2.exceptions  # noqa: F401  (see below)
 import cdbx  # noqa: F401
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException, login_always_fail
 
+from pqmail import aio
 from pqmail.config.control import control_stamp
 from pqmail.errors import ConfigError, PermanentFailure, PqmailError, TemporaryFailure
 from pqmail.passwords import PasswordStore, hash_password, verify_password
@@ -1399,4 +1400,4 @@ def serve_listeners(root: Root | str | os.PathLike[str], listeners: Iterable[tup
     """
     root = root if isinstance(root, Root) else Root(root)
     _quiet_aiosmtpd()
-    asyncio.run(_serve(root, listeners, log))
+    aio.run(_serve(root, listeners, log))

@@ -45,17 +45,10 @@ def read_password(password_file: str | None, random_password: bool,
         return make(), True
     if password_file is None and sys.stdin.isatty():
         return click.prompt(prompt, hide_input=True, confirmation_prompt=True), False
-    where = "standard input" if password_file in (None, "-") else password_file
-    try:
-        if password_file in (None, "-"):
-            data = sys.stdin.buffer.read()
-        else:
-            with open(password_file, "rb") as f:
-                data = f.read()
-    except OSError as e:
-        raise UsageError(f"{where}: cannot read the password: {e.strerror or e}") from None
+    data = read_input(password_file, "cannot read the password")
     line = data.split(b"\n", 1)[0].rstrip(b"\r")
     if not line:
+        where = "standard input" if password_file in (None, "-") else password_file
         raise UsageError(f"no password in {where} (its first line is empty)")
     return os.fsdecode(line), False
 
@@ -73,3 +66,19 @@ def password_store_ids(root: Root) -> tuple[int | None, int | None]:
             continue
         return st.st_uid, st.st_gid
     return None, None
+
+
+def read_input(file: str | None, what: str = "cannot read") -> bytes:
+    """The bytes of ``file``, or of standard input for None or ``-``; UsageError naming it if unreadable."""
+    import sys
+
+    from pqmail.errors import UsageError
+
+    try:
+        if file in (None, "-"):
+            return sys.stdin.buffer.read()
+        with open(file, "rb") as f:
+            return f.read()
+    except OSError as e:
+        where = "standard input" if file in (None, "-") else file
+        raise UsageError(f"{where}: {what}: {e.strerror or e}") from None

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import click
 
-from pqmail.cli.common import password_store_ids, read_password, root_option
+from pqmail.cli.common import password_store_ids, read_input, read_password, root_option
 from pqmail.errors import UsageError
 from pqmail.paths import Root
 
@@ -192,14 +192,7 @@ def box_import(file: str, root: Root) -> None:
     from pqmail.passwords import PasswordStore
     from pqmail.pop3.auth import scheme_of
 
-    try:
-        if file == "-":
-            data = sys.stdin.buffer.read()
-        else:
-            with open(file, "rb") as f:
-                data = f.read()
-    except OSError as e:
-        raise UsageError(f"{file}: cannot read: {e.strerror or e}") from None
+    data = read_input(file)
     store = PasswordStore(root, *password_store_ids(root))
     entries = []
     for n, raw in enumerate(data.decode("utf-8", "surrogateescape").splitlines(), 1):

@@ -360,7 +360,7 @@ class Queue:
         """``mess/N/id``: the message as queued (Received line first)."""
         from pathlib import Path
 
-        return Path(self._split("mess", mid))
+        return Path(self.message_name(mid))
 
     def message_name(self, mid: int) -> str:
         """:meth:`message_path` as a string, for the hot path."""

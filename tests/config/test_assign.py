@@ -468,3 +468,14 @@ def test_pqmail_newmrh(tmp_path: Path) -> None:
 def test_help(cmd: str) -> None:
     p = run_pqmail(cmd, "--help")
     assert b"EXIT STATUS" in p.stdout and b"111" in p.stdout
+
+
+def test_lookup_remembers_answers_only_while_the_same_cdb_is_in_place(tmp_path: Path) -> None:
+    root = make_root(tmp_path, LOOKUP)
+    compile_assign(root)
+    users = UsersDB(root)
+    assert users.lookup("ex1-joe").home == "/m/e/ex1/DOMAINS/example.com"
+    assert users.lookup("ex1-joe").home == "/m/e/ex1/DOMAINS/example.com"  # from memory this time
+    root.assign.write_bytes(LOOKUP.replace(b"/m/e/ex1/DOMAINS/example.com", b"/m/moved"))
+    compile_assign(root)  # newu renames a new file into place: the remembered answer goes with it
+    assert users.lookup("ex1-joe").home == "/m/moved"

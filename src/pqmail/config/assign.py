@@ -273,8 +273,13 @@ def _write(tmp: Path, final: Path, records: list[tuple[bytes, bytes]]) -> int:
 # ----------------------------------------------------------------------------- lookup
 
 def _scan_ulong(text: bytes) -> int:
+    if text.isdigit():  # the usual case, without a regex
+        return int(text)
     m = re.match(rb"[0-9]*", text)
     return int(m.group()) if m and m.group() else 0
+
+
+_MEMO_MAX = 65536  # users/cdb answers kept per opening of the file
 
 
 class CachedCdb:
@@ -357,10 +362,12 @@ class CachedCdb:
 class UsersDB:
     """qmail-lspawn's users/cdb lookup, re-opening the cdb whenever newu replaces it.
 
-    Safe for concurrent lookups from several threads. Costs one ``stat`` per lookup plus one cdb probe
-    per candidate key. A missing users/cdb answers None for everything (the caller then applies
-    qmail-getpw's fallback); any other trouble raises ConfigError (a temporary failure, exit 111),
-    as qmail-lspawn reports "Trouble reading users/cdb".
+    Safe for concurrent lookups from several threads. Costs one ``stat`` per lookup; the answers
+    are remembered for as long as the same users/cdb stays in place (the queue manager asks about
+    the same boxes over and over), and forgotten the moment newu replaces it. A missing users/cdb
+    answers None for everything (the caller then applies qmail-getpw's fallback); any other trouble
+    raises ConfigError (a temporary failure, exit 111), as qmail-lspawn reports "Trouble reading
+    users/cdb".
     """
 
     def __init__(self, root: Root | str | os.PathLike[str]) -> None:
@@ -371,22 +378,35 @@ class UsersDB:
     def close(self) -> None:
         self._cdb.close()
 
-    def _wildchars(self, cdb: cdbx.CDB) -> frozenset[int]:
+    def _wildchars(self, cdb: cdbx.CDB) -> tuple[frozenset[int], dict[str, AssignEntry | None]]:
+        """Per opening of the cdb: its wildcard characters and an empty memo of answers."""
         wild = cdb.get(b"")
         if wild is None:
             raise self._cdb.trouble("no wildcard-character record (the empty key): was it written by newu?")
-        return frozenset(wild.lower())
+        return frozenset(wild.lower()), {}
 
     def lookup(self, local: str) -> AssignEntry | None:
         """The assign entry for local part ``local``: exact, else the longest wildcard; None if no match."""
+        return self._cdb.query(lambda cdb, prepared: self._remembered(cdb, prepared, local))
+
+    def _remembered(self, cdb: cdbx.CDB, prepared: tuple[frozenset[int], dict[str, AssignEntry | None]],
+                    local: str) -> AssignEntry | None:
+        wild, memo = prepared
+        try:
+            return memo[local]
+        except KeyError:
+            pass
         try:
             raw = local.encode("latin-1")
             codec = "latin-1"
         except UnicodeEncodeError:
             raw = local.encode("utf-8", "surrogateescape")
             codec = "utf-8"
-        key = b"!" + raw.lower()
-        return self._cdb.query(lambda cdb, wild: self._find(cdb, wild, key, raw, codec))
+        entry = self._find(cdb, wild, b"!" + raw.lower(), raw, codec)
+        if len(memo) >= _MEMO_MAX:
+            memo.clear()  # a flood of distinct addresses must not grow it without bound
+        memo[local] = entry
+        return entry
 
     def _find(self, cdb: cdbx.CDB, wild: frozenset[int], key: bytes, raw: bytes,
               codec: str) -> AssignEntry | None:

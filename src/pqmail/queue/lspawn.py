@@ -23,7 +23,6 @@ beyond the result fields.
 from __future__ import annotations
 
 import asyncio
-import base64
 import itertools
 import json
 import os
@@ -39,29 +38,67 @@ from pqmail.local.deliver import LocalJob, LocalResult, deliver_local
 _MAX_FRAME = 1 << 20
 
 
+# The frames between the manager and a worker: fields joined by NUL, text as UTF-8 with lone
+# surrogates kept (8-bit addresses). Addresses and users/assign fields never hold a NUL (the queue's
+# own records are NUL-terminated), so a field with one is refused; a result's report, which holds
+# whatever a program printed, is its last field and may hold anything.
+_ENC = ("utf-8", "surrogatepass")
+_JOB_FIELDS = 10
+
+
+def _joined(fields: list[str], what: str) -> bytes:
+    text = "\0".join(fields)
+    if text.count("\0") != len(fields) - 1:
+        raise ValueError(f"NUL byte in a {what} field")
+    return text.encode(*_ENC)
+
+
 def _job_to_wire(job_id: int, job: LocalJob) -> bytes:
     e = job.entry
-    return json.dumps({
-        "id": job_id, "sender": job.sender, "recipient": job.recipient,
-        "entry": [e.user, e.uid, e.gid, e.home, e.dash, e.ext],
-        "default_delivery": job.default_delivery,
-    }, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return _joined([str(job_id), job.sender, job.recipient, e.user, str(e.uid), str(e.gid), e.home,
+                    e.dash, e.ext, job.default_delivery], "job")
+
+
+def _job_from_wire(data: bytes, message_path: str) -> tuple[int, LocalJob]:
+    parts = data.decode(*_ENC).split("\0")
+    if len(parts) != _JOB_FIELDS:
+        raise ValueError(f"a job has {len(parts)} fields, not {_JOB_FIELDS}")
+    job_id, sender, recipient, user, uid, gid, home, dash, ext, default = parts
+    return int(job_id), LocalJob(
+        message_path=message_path, sender=sender, recipient=recipient,
+        entry=AssignEntry(user, int(uid), int(gid), home, dash, ext), default_delivery=default,
+    )
 
 
 def _result_to_wire(job_id: int, r: LocalResult) -> bytes:
-    return json.dumps({
-        "id": job_id, "status": r.status, "report": r.report, "forwards": r.forwards,
-        "new_sender": r.new_sender, "forward_prefix": base64.b64encode(r.forward_prefix).decode(),
-    }, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    head = _joined([str(job_id), r.status, r.new_sender], "result")
+    forwards = _joined(r.forwards, "forward") if r.forwards else b""
+    return b"\0".join([head, r.forward_prefix.replace(b"\0", b""), b"%d" % len(r.forwards),
+                       *([forwards] if r.forwards else []), _report_bytes(r.report)])
 
 
-def _result_from_wire(d: dict) -> LocalResult:
-    return LocalResult(
-        status=str(d["status"]) if d.get("status") in ("K", "Z", "D") else "Z",
-        report=str(d.get("report", "")),
-        forwards=[str(a) for a in d.get("forwards", [])],
-        new_sender=str(d.get("new_sender", "")),
-        forward_prefix=base64.b64decode(d.get("forward_prefix", "")),
+def _report_bytes(report: str) -> bytes:
+    try:
+        return report.encode("utf-8", "surrogateescape")  # what the program printed, byte for byte
+    except UnicodeEncodeError:
+        return report.encode("utf-8", "replace")
+
+
+def _result_from_wire(data: bytes) -> tuple[int, LocalResult]:
+    """(job id, result); ValueError when the frame is not one (a worker is not trusted)."""
+    job_id, status, new_sender, prefix, count, rest = data.split(b"\0", 5)
+    n = int(count)
+    if not 0 <= n < 100000:
+        raise ValueError(f"{n} forwards")
+    *forwards, report = rest.split(b"\0", n)
+    if len(forwards) != n:
+        raise ValueError("fewer forwards than announced")
+    return int(job_id), LocalResult(
+        status=status.decode("ascii") if status in (b"K", b"Z", b"D") else "Z",
+        report=report.decode("utf-8", "surrogateescape"),  # any bytes: it is what was printed
+        forwards=[a.decode(*_ENC) for a in forwards],
+        new_sender=new_sender.decode(*_ENC),
+        forward_prefix=prefix,
     )
 
 
@@ -85,14 +122,7 @@ def _worker_main(sock: socket.socket) -> None:
         fd = fds[0]
         job_id = 0
         try:
-            d = json.loads(data.decode("utf-8", "surrogatepass"))
-            job_id = int(d["id"])
-            user, uid, gid, home, dash, ext = d["entry"]
-            job = LocalJob(
-                message_path=f"/proc/self/fd/{fd}", sender=d["sender"], recipient=d["recipient"],
-                entry=AssignEntry(user, int(uid), int(gid), home, dash, ext),
-                default_delivery=d["default_delivery"],
-            )
+            job_id, job = _job_from_wire(data, f"/proc/self/fd/{fd}")
             result = deliver_local(job)
         except Exception as e:  # a bug must come back as a deferral, never kill the worker
             result = _temporary(f"Unable to deliver: internal error {type(e).__name__}: {e}. (#4.3.0)")
@@ -236,9 +266,10 @@ class Spawner:
                     f"Unable to start a delivery process for uid {uid}: {e}. (#4.3.0)"))
                 return
             job_id = next(self._ids)
+            frame = _job_to_wire(job_id, job)  # may refuse a field: before the worker looks busy
             worker.pending[job_id] = done
             try:
-                socket.send_fds(worker.sock, [_job_to_wire(job_id, job)], [message_fd])
+                socket.send_fds(worker.sock, [frame], [message_fd])
             except OSError as e:
                 worker.pending.pop(job_id, None)
                 self._drop(worker)
@@ -264,10 +295,9 @@ class Spawner:
                 self._drop(w)  # removes the reader too
                 return
             try:
-                d = json.loads(data.decode("utf-8", "surrogatepass"))
-                done = w.pending.pop(int(d["id"]))
-                result = _result_from_wire(d)
-            except (ValueError, KeyError, TypeError) as e:
+                job_id, result = _result_from_wire(data)
+                done = w.pending.pop(job_id)
+            except (ValueError, KeyError, UnicodeDecodeError) as e:
                 self.log(f"warning: delivery process {w.pid} sent an unreadable result: {e}")
                 continue
             w.last_done = next(self._ids)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pqmail import aio, routing
+from pqmail.addresses import split_address
 from pqmail.config.assign import UsersDB
 from pqmail.config.casefold import ascii_lower
 from pqmail.config.control import Control, control_stamp, load_control
@@ -109,6 +110,7 @@ class Manager:
         self._heap: list[tuple[float, int]] = []
         # (when preprocessed, id), oldest first: todo/ is still their durable record
         self._unsettled: deque[tuple[float, int]] = deque()
+        self._leftovers: set[int] = set()  # ids with bounce/ or status/ files at start (see _preprocess)
         self._settling = False
         self.ready: deque[tuple[_Msg, object]] = deque()
         self.in_flight = 0  # local deliveries under way (what concurrencylocal limits)
@@ -312,6 +314,9 @@ class Manager:
     def _load_preprocessed(self) -> None:
         """Rebuild the schedule from info/ after a restart; retry times come from the channel mtimes."""
         unfinished = set(self.queue.list_todo())  # preprocessing was cut short: redo it from todo/
+        # Only these ids can have bounce/ or status/ files from an interrupted pass: a message's
+        # own files go before its mess file frees the id, so a new message never finds any.
+        self._leftovers = self.queue.list_leftovers()
         for mid in self.queue.list_info():
             if mid in unfinished:
                 continue
@@ -388,8 +393,10 @@ class Manager:
             rw = routing.rewrite_recipient(self.control, rcpt)
             (local if rw.is_local else remote).append(rw.address)
         size = self.queue.message_size(mid)
-        self.queue.discard_bounce(mid)  # from an interrupted earlier pass: its recipients run again
-        self.queue.discard_status(mid)
+        if mid in self._leftovers:  # from an interrupted earlier pass: its recipients run again
+            self._leftovers.discard(mid)
+            self.queue.discard_bounce(mid)
+            self.queue.discard_status(mid)
         self.log(f"info msg {mid}: bytes {size} from <{env.sender}> qp {env.pid} uid {env.uid}")
         records = {"local": channel_records(local), "remote": channel_records(remote)}
         return _Msg(id=mid, sender=env.sender, birth=time.time(), local=list(records["local"]),
@@ -737,12 +744,12 @@ class Manager:
 
     def _prepare_local(self, m: _Msg, rec) -> LocalResult | tuple[LocalJob, int]:
         """The job and an open descriptor of the message, or the result when there is no job."""
-        r = routing.local_route(self.users, rec.address)  # rec.address was rewritten at preprocessing
-        if r.trash:
+        local, _ = split_address(rec.address)  # rec.address was rewritten at preprocessing
+        if not local:
             return LocalResult("K", "Trash address: nothing delivered.", [], "", b"")
-        entry = r.entry
+        entry = self.users.lookup(local)  # the dot-qmail search itself is the delivery's job
         if entry is None:
-            entry = _getpw(r.local)
+            entry = _getpw(local)
             if isinstance(entry, str):
                 return LocalResult("Z", entry, [], "", b"")
         rec.uid = entry.uid
@@ -854,6 +861,7 @@ def _read_default_delivery(root: Root) -> str:
         return "./Maildir/\n"
     except OSError as e:
         raise ConfigError(str(path), e.strerror or str(e)) from None
+    text = text.split("\0", 1)[0]  # qmail passes it as a C string: a NUL ends it
     return text if text.endswith("\n") else text + "\n"
 
 

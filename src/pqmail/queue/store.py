@@ -680,6 +680,11 @@ class Queue:
 
     # -- delivery state
 
+    def list_leftovers(self) -> set[int]:
+        """Ids with a ``bounce`` or ``status`` file: what a message preprocessed before a crash may
+        have left for its todo/ entry's next pass (see :meth:`discard_bounce`)."""
+        return set(_ids(f"{self._dir}/bounce")) | set(_ids(f"{self._dir}/status"))
+
     def list_info(self) -> list[int]:
         """Preprocessed messages (those with an ``info`` file)."""
         out: list[int] = []

@@ -1,0 +1,62 @@
+"""The frames between the queue manager and its delivery processes: exact round trips, and a
+worker's frame taken as untrusted input (garbage is refused with ValueError, never a crash)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pqmail.config.assign import AssignEntry
+from pqmail.local.deliver import LocalJob, LocalResult
+from pqmail.queue.lspawn import _job_from_wire, _job_to_wire, _result_from_wire, _result_to_wire
+
+ENTRY = AssignEntry("popuser", 1001, 1002, "/m/e/ex1/DOMAINS/example.com", "-", "J\xf6e.Smith")
+
+
+def test_job_round_trip_keeps_8bit_addresses() -> None:
+    job = LocalJob(message_path="unused", sender="s\udce4@x.test", recipient="ex1-J\xf6e@example.com",
+                   entry=ENTRY, default_delivery="./Maildir/\n")
+    job_id, back = _job_from_wire(_job_to_wire(7, job), "/proc/self/fd/5")
+    assert job_id == 7
+    assert back == LocalJob(message_path="/proc/self/fd/5", sender=job.sender, recipient=job.recipient,
+                            entry=ENTRY, default_delivery="./Maildir/\n")
+
+
+def test_job_with_a_nul_in_a_field_is_refused() -> None:
+    job = LocalJob(message_path="x", sender="a\0b@x.test", recipient="r@x.test", entry=ENTRY,
+                   default_delivery="./Maildir/\n")
+    with pytest.raises(ValueError, match="NUL"):
+        _job_to_wire(1, job)
+
+
+def test_job_frame_with_the_wrong_field_count_is_refused() -> None:
+    with pytest.raises(ValueError, match="fields"):
+        _job_from_wire(b"1\0a\0b", "/proc/self/fd/3")
+
+
+@pytest.mark.parametrize("result", [
+    LocalResult("K", "did 1+0+0\n", [], "", b""),
+    LocalResult("K", "did 0+2+0\n", ["a@x.test", "b\udce4@y.test"], "ex1-owner@example.com",
+                b"Delivered-To: ex1-joe@example.com\n"),
+    LocalResult("Z", "program said \udcff\udcfe and a NUL? no: \n", [], "", b""),
+    LocalResult("D", "Sorry, no mailbox here by that name. (#5.1.1)\n", [], "", b""),
+])
+def test_result_round_trip(result: LocalResult) -> None:
+    assert _result_from_wire(_result_to_wire(42, result)) == (42, result)
+
+
+def test_a_report_may_hold_nul_bytes_and_still_ends_the_frame() -> None:
+    result = LocalResult("Z", "before\0after", ["x@y.test"], "", b"")
+    assert _result_from_wire(_result_to_wire(3, result)) == (3, result)
+
+
+@given(st.binary(max_size=200))
+def test_any_bytes_from_a_worker_give_a_result_or_value_error(data: bytes) -> None:
+    try:
+        job_id, result = _result_from_wire(data)
+    except ValueError:
+        return
+    assert isinstance(job_id, int)
+    assert result.status in ("K", "Z", "D")
+    assert all(isinstance(a, str) for a in result.forwards)

@@ -14,7 +14,8 @@ spread to other block groups.
 
 Usage: python bench/local_delivery.py [--messages 10000] [--boxes 1000] [--size 4096]
        [--concurrency 10] [--dir /tmp/pqbench-local]
-Last line: ``local delivery: X msgs/s (N messages, B boxes, S bytes, T s)``
+Last line: ``local delivery: X msgs/s (N messages, B boxes, S bytes, T s, host steal P% of the CPUs)``
+(steal is CPU time the hypervisor gave to other guests during the run: compare runs where it is low)
 """
 
 from __future__ import annotations
@@ -84,17 +85,29 @@ def main() -> None:
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(one, range(a.messages)))
 
+    steal0 = _steal_ticks()
     t0 = time.monotonic()
     subprocess.run([*PQMAIL, "send", "--drain", "--root", str(root)], check=True,
                    stderr=subprocess.DEVNULL)
     dt = time.monotonic() - t0
+    steal = (_steal_ticks() - steal0) / os.sysconf("SC_CLK_TCK") / (dt * (os.cpu_count() or 1))
     delivered = sum(len(os.listdir(boxes / f"u{i}" / "new")) for i in range(a.boxes))
     if delivered != a.messages:
         sys.exit(f"only {delivered} of {a.messages} messages delivered")
     for old in earlier:
         shutil.rmtree(old, ignore_errors=True)
     print(f"local delivery: {a.messages / dt:.0f} msgs/s ({a.messages} messages, {a.boxes} boxes, "
-          f"{a.size} bytes, {dt:.2f} s)")
+          f"{a.size} bytes, {dt:.2f} s, host steal {100 * steal:.0f}% of the CPUs)")
+
+
+def _steal_ticks() -> int:
+    """CPU time the hypervisor gave to other guests (/proc/stat): a run with much of it says little."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 if __name__ == "__main__":

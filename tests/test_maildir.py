@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import mail_owner, run_pqmail
+from pqmail import maildir
 from pqmail.errors import TemporaryFailure, UsageError
 from pqmail.maildir import deliver, escape_host, is_maildir, maildirmake, scan, unique_name
 
@@ -155,8 +156,8 @@ def test_deliver_accepts_str_path_and_generators(md: Path) -> None:
     assert (md / "new" / name).read_bytes() == b"ab"
 
 
-def test_deliver_fsync_order(md: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """File fsync'd before the link into new/, then new/ itself fsync'd; tmp unlinked."""
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Record fsync/link/unlink in order (each still does its real work)."""
     events: list[tuple[str, str]] = []
     real_fsync, real_link, real_unlink = os.fsync, os.link, os.unlink
 
@@ -164,17 +165,25 @@ def test_deliver_fsync_order(md: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
         real_fsync(fd)
 
-    def link(src: str, dst: str) -> None:
-        events.append(("link", os.fspath(dst)))
-        real_link(src, dst)
+    def link(src: str, dst: str, **kw) -> None:
+        where = os.readlink(f"/proc/self/fd/{kw['dst_dir_fd']}") if "dst_dir_fd" in kw else ""
+        events.append(("link", f"{where}/{dst}" if where else os.fspath(dst)))
+        real_link(src, dst, **kw)
 
-    def unlink(path: str) -> None:
+    def unlink(path: str, **kw) -> None:
         events.append(("unlink", os.fspath(path)))
-        real_unlink(path)
+        real_unlink(path, **kw)
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "link", link)
     monkeypatch.setattr(os, "unlink", unlink)
+    return events
+
+
+def test_deliver_fsync_order_named_tmp_file(md: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """File fsync'd before the link into new/, then new/ itself fsync'd; tmp unlinked."""
+    monkeypatch.setattr(maildir, "_anonymous_files", lambda: False)  # as on NFS
+    events = _spy(monkeypatch)
     name = deliver(md, [b"x\n"])
     monkeypatch.undo()
     real = os.path.realpath(md)
@@ -184,6 +193,31 @@ def test_deliver_fsync_order(md: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("unlink", f"{md}/tmp/{name}"),
         ("fsync", f"{real}/new"),
     ]
+
+
+def test_deliver_fsync_order_anonymous_file(md: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The anonymous tmp/ file is fsync'd, then linked into the very new/ that is fsync'd next."""
+    if not maildir._anonymous_files():
+        pytest.skip("no O_TMPFILE or /proc here")
+    events = _spy(monkeypatch)
+    name = deliver(md, [b"x\n"])
+    monkeypatch.undo()
+    real = os.path.realpath(md)
+    assert [e[0] for e in events] == ["fsync", "link", "fsync"]
+    assert events[0][1].startswith(f"{real}/tmp/#")  # no name in tmp/ at any time
+    assert events[1:] == [("link", f"{real}/new/{name}"), ("fsync", f"{real}/new")]
+    assert os.listdir(md / "tmp") == []
+    assert (md / "new" / name).read_bytes() == b"x\n"
+    assert (md / "new" / name).stat().st_mode & 0o777 == 0o600
+
+
+def test_deliver_name_collision_tries_another_name(md: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    names = iter(["taken", "taken", "free"])
+    monkeypatch.setattr(maildir, "unique_name", lambda: next(names))
+    (md / "new" / "taken").write_bytes(b"old")
+    assert deliver(md, [b"new"]) == "free"
+    assert (md / "new" / "taken").read_bytes() == b"old"  # never overwritten
+    assert (md / "new" / "free").read_bytes() == b"new"
 
 
 def test_deliver_missing_maildir(tmp_path: Path) -> None:

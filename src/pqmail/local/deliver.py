@@ -57,17 +57,23 @@ _candidates = functools.lru_cache(maxsize=16384)(routing.dotqmail_candidates)
 _PROC_FD = "/proc/self/fd/"
 
 
-def _slurp(fd: int) -> bytes:
+def _slurp(fd: int, size_hint: int = 65535) -> bytes:
     chunks = []
-    while chunk := os.read(fd, 65536):
+    while chunk := os.read(fd, max(size_hint + 1, 4096)):  # usually one read, and EOF with it
         chunks.append(chunk)
+        if len(chunk) <= size_hint:
+            break
     return b"".join(chunks)
 
 
 def _pslurp(fd: int) -> bytes:
     """The whole file from offset 0, leaving the descriptor's offset alone."""
-    chunks = []
-    pos = 0
+    size = os.fstat(fd).st_size
+    data = os.pread(fd, size + 1, 0)  # a queued message never changes: one read, EOF seen at once
+    if len(data) <= size:
+        return data
+    chunks = [data]
+    pos = len(data)
     while chunk := os.pread(fd, 65536, pos):
         chunks.append(chunk)
         pos += len(chunk)
@@ -248,7 +254,7 @@ class _Delivery:
                 return None
             if st.st_mode & PATRN:
                 raise TemporaryFailure("Uh-oh: .qmail file is writable. (#4.7.0)")
-            return _slurp(fd), bool(st.st_mode & stat.S_IXUSR)
+            return _slurp(fd, st.st_size), bool(st.st_mode & stat.S_IXUSR)
         except OSError as e:
             raise TemporaryFailure(f"Unable to read {name}: {error_str(e.errno)}. (#4.3.0)") from None
         finally:

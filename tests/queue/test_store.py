@@ -11,6 +11,7 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -364,11 +365,13 @@ def test_cleanup_leaves_a_file_whose_writer_holds_the_lock(qdir: Path, q: Queue)
 
 # ----------------------------------------------------------------------------- concurrency
 
-def test_concurrent_enqueues_from_threads(q: Queue):
+def _eight_writers(queue_for: Callable[[], Queue]) -> list[int]:
+    """8 threads enqueue 25 messages each, thread t through ``queue_for()``; the ids, in order."""
     ids: list[int] = []
     lock = threading.Lock()
 
     def worker(t: int) -> None:
+        q = queue_for()
         for i in range(25):
             mid = q.enqueue(f"s{t}@x", [f"r{t}.{i}@y"], f"m {t} {i}\n".encode())
             with lock:
@@ -379,6 +382,11 @@ def test_concurrent_enqueues_from_threads(q: Queue):
         t.start()
     for t in threads:
         t.join()
+    return ids
+
+
+def test_concurrent_enqueues_from_threads(q: Queue):
+    ids = _eight_writers(lambda: q)
     assert len(set(ids)) == 200
     assert q.counts() == (200, 200)
     for mid in ids:
@@ -446,3 +454,86 @@ def test_group_commit_isolates_a_bad_envelope(q: Queue):
     assert all(isinstance(i, int) for i in ids) and len(set(ids)) == 19
     assert q.list_todo() == sorted(ids)
     assert [q.read_todo(mid).recipients for mid in ids] == [[f"r{i}@y"] for i in range(20) if i != 7]
+
+
+# ----------------------------------------------------------------------------- pool/: reused files
+
+def _finish(q: Queue, mid: int) -> None:
+    q.read_todo(mid)
+    q.remove_message(mid)
+
+
+def test_a_finished_messages_files_are_kept_and_reused_whole_and_trimmed(qdir: Path):
+    old = Queue(qdir)
+    big = old.enqueue("long-sender@x.test", [f"r{i}@y.test" for i in range(50)], b"B" * 9000 + b"\n")
+    _finish(old, big)
+    spares = files(qdir, "pool")
+    assert len(spares) == 2 and str(big) in spares  # the mess file and the intd file
+    assert files(qdir, "mess") == files(qdir, "intd") == files(qdir, "todo") == []
+
+    writer = Queue(qdir)  # another process: it lists pool/ afresh
+    mid = writer.enqueue("s@x.test", ["r@y.test"], b"small\n")
+    assert str(mid) in spares  # an old inode, so no new one was allocated
+    assert files(qdir, "pool") == [] and files(qdir, "pid") == []
+    data = writer.message_path(mid).read_bytes()
+    head = RECEIVED.match(data)
+    assert head is not None and data == head.group(0) + b"small\n"  # nothing of the old message left
+    env = writer.read_todo(mid)
+    assert (env.sender, env.recipients) == ("s@x.test", ["r@y.test"])
+    intd = os.stat(qdir / "intd" / str(mid))
+    assert intd.st_ino == os.stat(qdir / "todo" / str(mid)).st_ino and intd.st_nlink == 2
+    assert intd.st_size == len((qdir / "todo" / str(mid)).read_bytes())
+
+
+def test_big_files_and_a_full_pool_are_removed_not_kept(qdir: Path, monkeypatch: pytest.MonkeyPatch):
+    q = Queue(qdir)
+    big = q.enqueue("s@x.test", ["r@y.test"], b"x" * (store.POOL_FILE_MAX + 1))
+    _finish(q, big)
+    assert str(big) not in files(qdir, "pool")  # the message file went; its small intd is kept
+    assert len(files(qdir, "pool")) == 1
+    monkeypatch.setattr(store, "POOL_MAX", 1)
+    q2 = Queue(qdir)
+    small = q2.enqueue("s@x.test", ["r@y.test"], b"x\n")  # takes the one spare
+    other = q2.enqueue("s@x.test", ["r@y.test"], b"y\n")
+    _finish(q2, small)
+    _finish(q2, other)
+    assert len(files(qdir, "pool")) == 1  # the rest was unlinked
+    assert files(qdir, "mess") == files(qdir, "intd") == []
+
+
+def test_writers_claim_spares_concurrently_without_sharing_one(qdir: Path):
+    first = Queue(qdir)
+    for mid in [first.enqueue("s@x", ["r@y"], b"old %d\n" % i) for i in range(50)]:
+        _finish(first, mid)
+    assert len(files(qdir, "pool")) == 100
+    ids = _eight_writers(lambda: Queue(qdir))  # one each, like separate smtpd and inject processes
+    assert len(set(ids)) == 200 and files(qdir, "pool") == []
+    q = Queue(qdir)
+    assert q.counts() == (200, 200)
+    for mid in ids:
+        env = q.read_todo(mid)
+        t, i = env.recipients[0][1:-2].split(".")
+        assert env.sender == f"s{t}@x"
+        data = q.message_path(mid).read_bytes()
+        assert data == RECEIVED.match(data).group(0) + f"m {t} {i}\n".encode()
+
+
+def test_the_manager_gives_an_older_queue_its_pool(qdir: Path):
+    (qdir / "pool").rmdir()
+    q = Queue(qdir)
+    mid = q.enqueue("s@x.test", ["r@y.test"], b"x\n")
+    _finish(q, mid)  # no pool/: removed as before
+    assert files(qdir, "mess") == [] and not (qdir / "pool").exists()
+    q.ensure_pool()
+    assert stat.S_IMODE(os.stat(qdir / "pool").st_mode) == stat.S_IMODE(os.stat(qdir / "pid").st_mode)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="files of another owner: root only")
+def test_files_root_wrote_are_given_to_the_queue_owner_when_kept(tmp_path: Path):
+    pw = pwd.getpwnam("nobody")
+    make_queue(tmp_path / "queue", pw.pw_uid, pw.pw_gid)
+    q = Queue(tmp_path / "queue")
+    mid = q.enqueue("s@x.test", ["r@y.test"], b"x\n")  # written by root
+    _finish(q, mid)
+    spare = tmp_path / "queue" / "pool" / str(mid)
+    assert (spare.stat().st_uid, spare.stat().st_gid) == (pw.pw_uid, pw.pw_gid)

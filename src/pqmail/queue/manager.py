@@ -159,6 +159,11 @@ class Manager:
         loop.set_default_executor(self.pool)
         self._install_signals(loop)
         trigger_fds = self._open_trigger(loop)
+        try:
+            await loop.run_in_executor(None, self.queue.ensure_pool)
+        except OSError as e:
+            self.log(f"warning: cannot create {self.root.queue}/pool ({e.strerror or e}): "
+                     f"finished messages' files are removed, not reused")
         removed = await loop.run_in_executor(None, self.queue.cleanup_stale)
         if removed:
             self.log(f"status: removed {removed} stale partial message file(s)")

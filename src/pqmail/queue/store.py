@@ -17,9 +17,19 @@ Layout (qmail-semantics.md §4.1; ``N`` = id mod 23; the id is the inode number 
     bounce/<id>            permanent-failure paragraphs collected so far
     lock/sendmutex         flock'd by the one queue manager
     lock/trigger           FIFO: one byte wakes the manager (``F`` = retry everything now)
+    pool/<inode>           spare files: a finished message's mess and intd files, kept for reuse
 
-Making a message safe (§4.2, plus what Linux needs): create ``pid/...`` O_EXCL and flock it; its
-inode is the id; link it to ``mess/N/id`` and unlink the pid name; write the Received line and the
+Why ``pool/``: freeing two inodes per message costs more than anything else the queue does on
+ext4 without a journal (every new inode then walks past each inode of its block group freed in the
+last one to six minutes, and every freed data block is a synchronous discard when mounted with
+``discard``). So the manager moves a finished message's files (up to POOL_FILE_MAX bytes, at most
+POOL_MAX of them) into ``pool/`` instead of unlinking them, and writers take their new files from
+there. A spare's old bytes are never seen: a message counts only once it is linked into ``todo/``,
+and by then it has been overwritten, trimmed to its length and fsync'd.
+
+Making a message safe (§4.2, plus what Linux needs): create ``pid/...`` O_EXCL and flock it (or
+claim a spare: open ``pool/<inode>``, take its flock without waiting, rename it to ``mess/N/<inode>``);
+its inode is the id; link it to ``mess/N/id`` and unlink the pid name; write the Received line and the
 message, and ``intd/id``; fsync both and ``mess/N/``; link ``intd/id`` to ``todo/id`` (the commit
 point); fsync ``todo/``; only then return, after writing one byte to the trigger without blocking.
 Concurrent enqueue_async calls share these fsyncs (group commit); enqueue is a group of one.
@@ -56,6 +66,10 @@ _BATCH = 1 << 16  # bytes gathered before one writev while copying a message
 _ENC = ("utf-8", "surrogateescape")  # addresses: 8-bit clean, UTF-8 when they are UTF-8
 
 _seq = itertools.count(1)  # with pid and time_ns, unique pid/ names across threads
+POOL_MAX = 2048  # spare files kept in pool/ at the most
+POOL_FILE_MAX = 64 * 1024  # a larger file is removed: reusing it for a small message frees blocks
+_SPARES_RELIST = 0.5  # seconds: how often one writer looks at an empty pool/ again
+_POOL_RECOUNT = 5.0  # seconds: how often the manager counts pool/ again (writers take from it)
 
 
 # ----------------------------------------------------------------------------- records
@@ -341,6 +355,11 @@ class Queue:
         self._commit_task: Any = None
         self._dirty: dict[int, set[str]] = {}  # mid -> channel dirs to fsync at finish_preprocess
         self._dir_fds: dict[str, int] = {}  # enqueue_async's directories (mess/N, todo), kept open
+        self._spares: list[str] = []  # names in pool/ this writer may claim
+        self._spares_listed = 0.0
+        self._pool_count = 0  # the manager's estimate of the files in pool/
+        self._pool_counted = float("-inf")
+        self._pool_owner: tuple[int, int] | None = None  # (uid, gid) of pool/, once known
 
     # -- names
 
@@ -499,25 +518,39 @@ class Queue:
 
     def _stage(self, pid: int, head: bytes, message: Any, envelope: bytes) -> tuple[int, str, str, int]:
         """Write a message and its intd entry, unsynced; the fds stay open and the message locked."""
-        fd, pidname = self._create_pid_file(pid)
-        mess = intd = None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            mid = os.fstat(fd).st_ino
-            os.link(pidname, self._split("mess", mid))
+        pidname = mess = intd = None
+        spare = self._claim_spare(lambda ino: self._split("mess", ino))
+        if spare is not None:
+            fd, mid = spare
             mess = self._split("mess", mid)
-            os.unlink(pidname)
-            pidname = None
+        else:
+            fd, pidname = self._create_pid_file(pid)
+        try:
+            if pidname is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                mid = os.fstat(fd).st_ino
+                os.link(pidname, self._split("mess", mid))
+                mess = self._split("mess", mid)
+                os.unlink(pidname)
+                pidname = None
             _write_message(fd, head, message)
+            if spare is not None:
+                os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))  # the spare's old tail goes
             intd = self._flat("intd", mid)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-            try:
-                ifd = os.open(intd, flags, 0o640)
-            except FileExistsError:
-                os.unlink(intd)  # stale: its inode number is ours now, so its message is gone
-                ifd = os.open(intd, flags, 0o640)
+            ispare = self._claim_spare(lambda _ino: intd)  # a stale intd/<mid> is replaced
+            if ispare is not None:
+                ifd = ispare[0]
+            else:
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                try:
+                    ifd = os.open(intd, flags, 0o640)
+                except FileExistsError:
+                    os.unlink(intd)  # stale: its inode number is ours now, so its message is gone
+                    ifd = os.open(intd, flags, 0o640)
             try:
                 _writev_all(ifd, [envelope])
+                if ispare is not None:
+                    os.ftruncate(ifd, len(envelope))
             except BaseException:
                 os.close(ifd)
                 raise
@@ -557,6 +590,93 @@ class Queue:
         fds, self._dir_fds = self._dir_fds, {}
         for fd in fds.values():
             os.close(fd)
+
+    def _claim_spare(self, dest: Any) -> tuple[int, int] | None:
+        """A spare from pool/, flock'd, renamed to ``dest(inode)`` and open for writing at offset
+        0: (fd, inode). None when there is none we may take (then the caller creates a file).
+
+        Claiming is safe against other writers: only the holder of the spare's flock renames it,
+        and a writer that opened it too late finds the name gone. ``pool/<n>`` always names
+        inode n, with no other link, so the rename moves the very file that is locked."""
+        spares = self._spares
+        while True:
+            if not spares:
+                now = time.monotonic()
+                if now - self._spares_listed < _SPARES_RELIST:
+                    return None
+                self._spares_listed = now
+                spares.extend(n for n in _listdir(f"{self._dir}/pool") if n.isdigit())
+                if not spares:
+                    return None
+            try:
+                name = spares.pop()
+            except IndexError:  # another thread took the last one
+                continue
+            path = f"{self._dir}/pool/{name}"
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:
+                continue  # taken meanwhile, or not ours to write
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or str(st.st_ino) != name:
+                    raise OSError(errno.EINVAL, "not a spare")
+                os.rename(path, dest(st.st_ino))
+            except OSError:
+                os.close(fd)
+                continue
+            return fd, st.st_ino
+
+    def _recycle(self, path: str, limit: int) -> bool:
+        """Move a finished message's file into pool/ instead of unlinking it; False: unlink it.
+
+        Kept only if it is a plain file of at most ``limit`` bytes with no other name, pool/ has
+        room, and pool/'s owner can write it (as root, a file of ours is given to that owner)."""
+        owner = self._pool_owner
+        if owner is None:
+            try:
+                st = os.stat(f"{self._dir}/pool")
+            except OSError:
+                return False  # a queue made before pool/ existed: the manager makes it at start
+            owner = self._pool_owner = (st.st_uid, st.st_gid)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > limit:
+            return False
+        now = time.monotonic()
+        if now - self._pool_counted > _POOL_RECOUNT:
+            self._pool_count = len(_listdir(f"{self._dir}/pool"))
+            self._pool_counted = now
+        if self._pool_count >= POOL_MAX:
+            return False
+        try:
+            if st.st_uid != owner[0]:
+                if os.geteuid() != 0:
+                    return False
+                os.chown(path, owner[0], owner[1], follow_symlinks=False)
+            os.rename(path, f"{self._dir}/pool/{st.st_ino}")
+        except OSError:
+            return False
+        self._pool_count += 1
+        return True
+
+    def ensure_pool(self) -> None:
+        """Give a queue made before pool/ existed its pool/ (owned like pid/); for the manager."""
+        pool = f"{self._dir}/pool"
+        if os.path.isdir(pool):
+            return
+        st = os.stat(f"{self._dir}/pid")
+        try:
+            os.mkdir(pool, 0o700)
+        except FileExistsError:
+            return
+        if os.geteuid() == 0:
+            os.chown(pool, st.st_uid, st.st_gid)
+        os.chmod(pool, stat.S_IMODE(st.st_mode))
+        _fsync_dir(self._dir)
 
     def _create_pid_file(self, pid: int) -> tuple[int, str]:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
@@ -799,7 +919,10 @@ class Queue:
         """
         for sub in _REMOVE_ORDER:
             if files is None or sub in files:
-                _unlink(self._flat(sub, mid) if sub in _FLAT else self._split(sub, mid))
+                path = self._flat(sub, mid) if sub in _FLAT else self._split(sub, mid)
+                limit = _RECYCLED.get(sub)
+                if limit is None or not self._recycle(path, limit):
+                    _unlink(path)
         self._dirty.pop(mid, None)
 
     # -- crash clean-up
@@ -901,6 +1024,7 @@ class Queue:
 # bounce first (no second bounce after a crash), the message file last (see remove_message)
 _REMOVE_ORDER = ("bounce", "status", "todo", "intd", "local", "remote", "info", "mess")
 _FLAT = frozenset({"bounce", "status", "todo", "intd"})
+_RECYCLED = {"intd": POOL_FILE_MAX, "mess": POOL_FILE_MAX}  # files kept in pool/, and up to what size
 
 
 def _check_channel(channel: str) -> None:
@@ -951,6 +1075,7 @@ _LAYOUT: list[tuple[str, int]] = [
     ("bounce", 0o700),
     ("status", 0o700),
     ("lock", 0o750),
+    ("pool", _WRITER_DIR),
 ]
 
 

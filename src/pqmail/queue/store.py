@@ -68,7 +68,7 @@ _ENC = ("utf-8", "surrogateescape")  # addresses: 8-bit clean, UTF-8 when they a
 _seq = itertools.count(1)  # with pid and time_ns, unique pid/ names across threads
 POOL_MAX = 2048  # spare files kept in pool/ at the most
 POOL_FILE_MAX = 64 * 1024  # a larger file is removed: reusing it for a small message frees blocks
-_SPARES_RELIST = 0.5  # seconds: how often one writer looks at an empty pool/ again
+_SPARES_RELIST = 0.2  # seconds a writer waits before looking again at a pool/ it found empty
 _POOL_RECOUNT = 5.0  # seconds: how often the manager counts pool/ again (writers take from it)
 
 
@@ -602,12 +602,17 @@ class Queue:
         while True:
             if not spares:
                 now = time.monotonic()
-                if now - self._spares_listed < _SPARES_RELIST:
+                if now < self._spares_listed:  # the last look found nothing: not again so soon
                     return None
-                self._spares_listed = now
-                spares.extend(n for n in _listdir(f"{self._dir}/pool") if n.isdigit())
-                if not spares:
+                names = [n for n in _listdir(f"{self._dir}/pool") if n.isdigit()]
+                if not names:
+                    self._spares_listed = now + _SPARES_RELIST
                     return None
+                # writers in other processes list the same names: each starts somewhere else
+                from random import randrange  # here: inject's start-up time counts
+
+                k = randrange(len(names))
+                spares.extend(names[k:] + names[:k])
             try:
                 name = spares.pop()
             except IndexError:  # another thread took the last one

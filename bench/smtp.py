@@ -13,6 +13,10 @@ peak memory of serve and all its descendants (sum of PSS from /proc/PID/smaps_ro
 every 0.25 s), plus the CPU the server tree and the client used per message. The client shares
 the machine's cores with the server: its CPU is part of the result.
 
+Each level runs in a new tree of its own under --dir (marked ``chattr +T`` where possible, so
+that ext4 spreads the trees over block groups), and trees of earlier runs are deleted only once
+everything is measured: deleting them first would make this run pay for the deletion (see below).
+
 The file system under --dir is part of what is measured. On ext4 without a journal (the root file
 system of the 2-core reference VM) every new inode costs a scan of the inodes freed there in the last
 minute or so (ext4's ``recently_deleted`` check, done only when there is no journal): the queue
@@ -43,6 +47,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -385,13 +390,6 @@ def wait_delivered(maildirs: list[Path], want: list[int], timeout: float) -> tup
         time.sleep(POLL)
 
 
-def empty_maildirs(maildirs: list[Path]) -> None:
-    for md in maildirs:
-        for sub in ("new", "cur"):
-            for name in os.listdir(md / sub):
-                os.unlink(md / sub / name)
-
-
 def queue_empty(root: Path) -> bool:
     from pqmail.queue.store import Queue
 
@@ -409,8 +407,7 @@ class Level:
 
 
 def run_level(a: argparse.Namespace, root: Path, maildirs: list[Path], sessions: int) -> Level:
-    empty_maildirs(maildirs)
-    srv = Serve(root, a.workers, Path(a.dir) / f"serve-{sessions}.log")
+    srv = Serve(root, a.workers, root.parent / f"serve-{sessions}.log")
     load = os.getloadavg()[0]
     os.sync()  # no dirty pages from the set-up or the previous level
     sampler = Sampler(srv.proc.pid).start()
@@ -462,22 +459,30 @@ def main() -> None:
     ap.add_argument("--smtp-source", default="/usr/sbin/smtp-source", help="path of Postfix's smtp-source")
     ap.add_argument("--dir", default="/tmp/pqbench-smtp")
     ap.add_argument("--timeout", type=float, default=600, help="seconds to wait for delivery per level")
-    ap.add_argument("--keep", action="store_true", help="leave --dir in place afterwards")
+    ap.add_argument("--keep", action="store_true", help="leave every tree under --dir in place afterwards")
     a = ap.parse_args()
     levels = [int(s) for s in re.split(r"[,\s]+", a.sessions.strip()) if s]
     if a.driver == "smtp-source" and not os.access(a.smtp_source, os.X_OK):
         sys.exit(f"{a.smtp_source}: not found (Debian package postfix); use --driver python")
 
-    root, maildirs = setup(Path(a.dir), a.boxes, numbered=a.driver == "smtp-source")
+    parent = Path(a.dir)
+    parent.mkdir(parents=True, exist_ok=True)
+    parent.chmod(0o755)
+    subprocess.run(["chattr", "+T", str(parent)], stderr=subprocess.DEVNULL, check=False)
+    earlier = sorted(p for p in parent.iterdir() if p.name.startswith("run-"))
     print(f"smtp bench: {a.messages} messages x {a.size} B per level, {a.boxes} boxes, {a.workers} smtpd "
           f"workers, driver {a.driver}, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.2f}", flush=True)
-    results = []
+    results, trees = [], []
     for s in levels:
+        top = Path(tempfile.mkdtemp(prefix="run-", dir=parent))
+        trees.append(top)
+        root, maildirs = setup(top, a.boxes, numbered=a.driver == "smtp-source")
         r = run_level(a, root, maildirs, s)
         print(r.line, flush=True)
         results.append(r)
-    if not a.keep:
-        shutil.rmtree(a.dir, ignore_errors=True)
+    if not a.keep:  # measured: now the trees can go (the last one is left to the next run)
+        for old in earlier + trees[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
     parts = [f"{r.sessions} sessions: accepted {r.accepted_mps:.0f} msgs/s, "
              + (f"delivered {r.delivered_mps:.0f} msgs/s end to end" if r.delivered_mps
                 else "delivery INCOMPLETE") for r in results]

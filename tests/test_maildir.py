@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import re
@@ -309,3 +310,23 @@ def test_scan_empty_and_missing(tmp_path: Path, md: Path) -> None:
     assert scan(md) == []
     with pytest.raises(OSError):
         scan(tmp_path / "none")
+
+
+def test_a_file_system_that_will_not_link_an_anonymous_file_gets_a_named_one(
+        md: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if not maildir._anonymous_files():
+        pytest.skip("no O_TMPFILE or /proc here")
+    real_link = os.link
+
+    def link(src: str, dst: str, **kw) -> None:
+        if src.startswith("/proc/self/fd/"):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))  # as some overlay file systems do
+        real_link(src, dst, **kw)
+
+    monkeypatch.setattr(os, "link", link)
+    name = deliver(md, (b"a", b"b\n"))
+    assert (md / "new" / name).read_bytes() == b"ab\n"
+    assert os.listdir(md / "tmp") == []
+    with pytest.raises(TemporaryFailure, match=r"Unable to link tmp file into new.*#4\.3\.0"):
+        deliver(md, iter([b"streamed\n"]))  # consumed once: cannot be written a second time
+    assert os.listdir(md / "tmp") == [] and len(os.listdir(md / "new")) == 1

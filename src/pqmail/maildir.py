@@ -54,6 +54,7 @@ _CREATE_TRIES = 3  # as qmail-local; a collision means another writer used our e
 _O_ANON = os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC if hasattr(os, "O_TMPFILE") else 0
 _NO_ANON = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL})  # what refuses O_TMPFILE
 _PROC_FD = "/proc/self/fd/"
+_LINK_REFUSED = frozenset({errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL})
 _WRITEV_MAX = 64  # chunks in one writev (far below IOV_MAX)
 
 
@@ -222,8 +223,16 @@ def deliver(maildir: str | os.PathLike[str], chunks: Iterable[bytes]) -> str:
             if e.errno not in _NO_ANON:
                 raise _open_failure(md, e) from None
         else:
-            return _deliver_anonymous(md, fd, chunks)
+            try:
+                return _deliver_anonymous(md, fd, chunks)
+            except _LinkRefused as e:
+                if not isinstance(chunks, tuple | list):  # already consumed: cannot start over
+                    raise TemporaryFailure(f"Unable to link tmp file into new: {e}. (#4.3.0)") from None
     return _deliver_named(md, chunks)
+
+
+class _LinkRefused(Exception):
+    """The file system made the anonymous file but will not link it: use a named tmp file."""
 
 
 @functools.cache
@@ -270,6 +279,8 @@ def _link_into(new: int, fd: int) -> str:
                 raise TemporaryFailure(f"Unable to link tmp file into new: {e.strerror}. (#4.3.0)") \
                     from None
         except OSError as e:
+            if e.errno in _LINK_REFUSED:
+                raise _LinkRefused(e.strerror or str(e)) from None
             raise TemporaryFailure(f"Unable to link tmp file into new: {e.strerror or e}. (#4.3.0)") \
                 from None
     raise AssertionError("unreachable")

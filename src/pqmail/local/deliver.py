@@ -57,7 +57,8 @@ _candidates = functools.lru_cache(maxsize=16384)(routing.dotqmail_candidates)
 _PROC_FD = "/proc/self/fd/"
 
 
-def _slurp(fd: int, size_hint: int = 65535) -> bytes:
+def _slurp(fd: int, size_hint: int) -> bytes:
+    """The whole file; ``size_hint`` (its fstat size) makes it one read that also sees EOF."""
     chunks = []
     while chunk := os.read(fd, max(size_hint + 1, 4096)):  # usually one read, and EOF with it
         chunks.append(chunk)

@@ -72,9 +72,9 @@ def _job_from_wire(data: bytes, message_path: str) -> tuple[int, LocalJob]:
 
 def _result_to_wire(job_id: int, r: LocalResult) -> bytes:
     head = _joined([str(job_id), r.status, r.new_sender], "result")
-    forwards = _joined(r.forwards, "forward") if r.forwards else b""
-    return b"\0".join([head, r.forward_prefix.replace(b"\0", b""), b"%d" % len(r.forwards),
-                       *([forwards] if r.forwards else []), _report_bytes(r.report)])
+    tail = [_joined(r.forwards, "forward")] if r.forwards else []
+    return b"\0".join([head, r.forward_prefix.replace(b"\0", b""), b"%d" % len(r.forwards), *tail,
+                       _report_bytes(r.report)])
 
 
 def _report_bytes(report: str) -> bytes:

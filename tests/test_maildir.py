@@ -330,3 +330,56 @@ def test_a_file_system_that_will_not_link_an_anonymous_file_gets_a_named_one(
     with pytest.raises(TemporaryFailure, match=r"Unable to link tmp file into new.*#4\.3\.0"):
         deliver(md, iter([b"streamed\n"]))  # consumed once: cannot be written a second time
     assert os.listdir(md / "tmp") == [] and len(os.listdir(md / "new")) == 1
+
+
+# ----------------------------------------------------------------------------- group commit
+
+needs_group = pytest.mark.skipif(not maildir.group_commit_available(),
+                                 reason="no O_TMPFILE or syncfs here: SyncGroup delivers at once")
+
+
+@needs_group
+def test_group_writes_at_add_and_delivers_at_commit(tmp_path: Path) -> None:
+    boxes = [maildirmake(tmp_path / f"box{i}") for i in range(3)]
+    group = maildir.SyncGroup()
+    for i, b in enumerate(boxes):
+        group.add(b, (b"Subject: ", b"%d\n\nbody\n" % i), tag=i)
+    assert len(group) == 3
+    assert all(not list((b / "new").iterdir()) for b in boxes)  # nothing visible before the commit
+    group.commit()
+    assert group.failed == {} and len(group) == 0
+    for i, b in enumerate(boxes):
+        (only,) = (b / "new").iterdir()
+        assert NAME.fullmatch(only.name)
+        assert only.read_bytes() == b"Subject: %d\n\nbody\n" % i
+        assert mode(only) == 0o600
+        assert list((b / "tmp").iterdir()) == []
+
+
+@needs_group
+def test_group_failure_belongs_to_its_tag_and_stops_that_tags_later_files(tmp_path: Path) -> None:
+    good = maildirmake(tmp_path / "good")
+    broken = maildirmake(tmp_path / "broken")
+    group = maildir.SyncGroup()
+    group.add(broken, (b"one\n",), tag="a")
+    (broken / "new").rmdir()  # gone between the write and the link
+    group.add(good, (b"two\n",), tag="a")  # same recipient, after its failure: not delivered
+    group.add(good, (b"three\n",), tag="b")
+    group.commit()
+    assert set(group.failed) == {"a"}
+    assert str(group.failed["a"]).startswith("Unable to link tmp file into new:")
+    assert messages_in(good) == [b"three\n"]
+    assert list((broken / "tmp").iterdir()) == []
+
+
+def test_group_add_fails_at_once_like_deliver(tmp_path: Path) -> None:
+    group = maildir.SyncGroup()
+    with pytest.raises(TemporaryFailure, match=r"Unable to chdir to maildir\. \(#4\.2\.1\)"):
+        group.add(tmp_path / "missing", (b"x\n",), tag=1)
+    assert len(group) == 0
+    group.commit()  # nothing to do
+    assert group.failed == {}
+
+
+def messages_in(md: Path) -> list[bytes]:
+    return sorted(p.read_bytes() for p in (md / "new").iterdir())

@@ -30,7 +30,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +38,10 @@ from pqmail.errors import TemporaryFailure, UsageError
 
 __all__ = [
     "MaildirMessage",
+    "SyncGroup",
     "deliver",
     "escape_host",
+    "group_commit_available",
     "is_maildir",
     "maildirmake",
     "scan",
@@ -185,6 +187,14 @@ def _writev_all(fd: int, chunks: Sequence[bytes]) -> None:
 
 def _write_message(fd: int, chunks: Iterable[bytes]) -> None:
     """Write every chunk to fd, fsync it; OSError from the source is told apart from a write error."""
+    _write_chunks(fd, chunks)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise TemporaryFailure(f"Unable to write to maildir: {e.strerror or e}. (#4.3.0)") from None
+
+
+def _write_chunks(fd: int, chunks: Iterable[bytes]) -> None:
     if isinstance(chunks, tuple | list) and len(chunks) <= _WRITEV_MAX:  # in memory: one writev
         try:
             _writev_all(fd, chunks)
@@ -203,10 +213,6 @@ def _write_message(fd: int, chunks: Iterable[bytes]) -> None:
             _write_all(fd, chunk)
         except OSError as e:
             raise TemporaryFailure(f"Unable to write to maildir: {e.strerror or e}. (#4.3.0)") from None
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        raise TemporaryFailure(f"Unable to write to maildir: {e.strerror or e}. (#4.3.0)") from None
 
 
 def deliver(maildir: str | os.PathLike[str], chunks: Iterable[bytes]) -> str:
@@ -321,6 +327,158 @@ def _unlink_quietly(path: str, dir_fd: int | None = None) -> None:
         os.unlink(path, dir_fd=dir_fd)
     except OSError:
         pass
+
+
+# ----------------------------------------------------------------------------- group commit
+
+@dataclass(eq=False)
+class _Pending:
+    fd: int  # the anonymous file, written, not yet synced
+    maildir: str
+    chunks: Sequence[bytes]  # kept for the named-file fallback
+    tag: object
+    dev: int
+
+
+class SyncGroup:
+    """Maildir deliveries that share their syncs: a delivery process's group commit.
+
+    :meth:`add` writes a message into an anonymous file in the Maildir's ``tmp/`` at once (a failure
+    there is the delivery's own, raised as :func:`deliver` raises it). :meth:`commit` then makes every
+    added file durable, links each into its ``new/``, and makes those names durable: per file system,
+    one ``syncfs`` and one ``fsync`` (the disk-cache flush) for all the files, then the same for all
+    the ``new/`` directories, where :func:`deliver` costs two fsyncs per message, each writing its own
+    blocks and flushing the disk cache (on the reference VM, a quarter of the CPU per message).
+
+    The guarantee per delivery is :func:`deliver`'s, in the same order: the file is on disk before
+    its name in ``new/`` exists, and the name is on disk before :meth:`commit` returns; a name not
+    known to be durable is withdrawn. ``syncfs`` writes whatever else is dirty on that file system
+    too: the price of a group is the other writers' pending data, which is why a delivery process
+    uses one only when several jobs are waiting. Where anonymous files or ``syncfs`` are missing,
+    :meth:`add` simply delivers (fsync'd) at once.
+
+    Failures are per tag (the caller's job): :attr:`failed` maps a tag to the TemporaryFailure of
+    the first of its files that could not be made durable.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[_Pending] = []
+        self.failed: dict[object, TemporaryFailure] = {}
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, maildir: str | os.PathLike[str], chunks: Sequence[bytes], tag: object) -> None:
+        """Write ``chunks`` (in memory) into ``maildir``'s tmp/; delivered at the next commit."""
+        md = os.fspath(maildir)
+        if not group_commit_available():
+            deliver(md, chunks)
+            return
+        try:
+            fd = os.open(f"{md}/tmp", _O_ANON, 0o600)
+        except OSError as e:
+            if e.errno not in _NO_ANON:
+                raise _open_failure(md, e) from None
+            _deliver_named(md, chunks)
+            return
+        try:
+            _write_chunks(fd, chunks)
+            dev = os.fstat(fd).st_dev
+        except BaseException:
+            os.close(fd)
+            raise
+        self._pending.append(_Pending(fd, md, chunks, tag, dev))
+
+    def commit(self) -> None:
+        """Make every added message durable in its ``new/``; failures go to :attr:`failed`."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            try:
+                _sync_and_flush({p.dev: p.fd for p in pending})
+            except OSError as e:
+                self._fail(pending, f"Unable to write to maildir: {e.strerror or e}. (#4.3.0)")
+                return
+            self._link(pending)
+        finally:
+            for p in pending:
+                os.close(p.fd)
+
+    def _link(self, pending: list[_Pending]) -> None:
+        dirs: dict[str, int] = {}
+        linked: list[tuple[_Pending, int, str]] = []
+        try:
+            for p in pending:
+                if p.tag in self.failed:
+                    continue  # as qmail-local: a recipient's first failure stops its deliveries
+                try:
+                    new = dirs.get(p.maildir)
+                    if new is None:
+                        try:
+                            new = dirs[p.maildir] = os.open(f"{p.maildir}/new", _O_DIR)
+                        except OSError as e:
+                            raise TemporaryFailure(
+                                f"Unable to link tmp file into new: {e.strerror or e}. (#4.3.0)") from None
+                    try:
+                        linked.append((p, new, _link_into(new, p.fd)))
+                    except _LinkRefused:
+                        _deliver_named(p.maildir, p.chunks)  # synced on its own
+                except TemporaryFailure as e:
+                    self.failed.setdefault(p.tag, e)
+            try:
+                _sync_and_flush({p.dev: new for p, new, _name in linked})
+            except OSError as e:
+                for _p, new, name in linked:
+                    _unlink_quietly(name, new)  # not known to be durable: withdrawn, retried
+                self._fail([p for p, _new, _name in linked],
+                           f"Unable to sync maildir new: {e.strerror or e}. (#4.3.0)")
+        finally:
+            for fd in dirs.values():
+                os.close(fd)
+
+    def _fail(self, pending: list[_Pending], text: str) -> None:
+        for p in pending:
+            self.failed.setdefault(p.tag, TemporaryFailure(text))
+
+
+def group_commit_available() -> bool:
+    """Whether :class:`SyncGroup` shares syncs here (else it delivers each message on its own).
+
+    The first call loads what it needs (ctypes): make it before dropping privileges."""
+    return _anonymous_files() and _syncfs() is not None
+
+
+def _sync_and_flush(fds: dict[int, int]) -> None:
+    """syncfs() each file system (one descriptor on it each), then fsync() that descriptor.
+
+    syncfs writes and waits for everything dirty there, but on ext4 without a journal it issues no
+    cache flush after the metadata blocks it writes last; the fsync of a now clean file does
+    exactly that flush (and on journalled file systems costs next to nothing more)."""
+    sync = _syncfs()
+    assert sync is not None
+    for fd in fds.values():
+        sync(fd)
+        os.fsync(fd)
+
+
+@functools.cache
+def _syncfs() -> Callable[[int], None] | None:
+    try:
+        import ctypes
+
+        call = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError, ImportError):
+        return None
+    call.argtypes = [ctypes.c_int]
+    call.restype = ctypes.c_int
+
+    def syncfs(fd: int) -> None:
+        if call(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    return syncfs
 
 
 # ----------------------------------------------------------------------------- reading

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pqmail import maildir
 from pqmail.config.assign import AssignEntry
 from pqmail.local.deliver import LocalJob, LocalResult, deliver_local
 
@@ -729,3 +730,34 @@ def test_delivered_to_keeps_case_and_replaces_newline(box):
     md = box.maildir()
     box.deliver("Pre-E\nXT@Example.COM")
     assert messages(md)[0].split(b"\n")[1] == b"Delivered-To: Pre-E_XT@Example.COM"
+
+
+# ============================================================================ group commit
+
+def _group_deliver(box: Box, group: maildir.SyncGroup, tag: object) -> LocalResult:
+    box.msgfile.write_bytes(MSG)
+    entry = AssignEntry("popuser", os.getuid(), os.getgid(), str(box.home), "-", "ext")
+    return deliver_local(LocalJob(box.msgfile, SENDER, "pre-ext@example.com", entry, "./Maildir/\n"),
+                         group, tag)
+
+
+@pytest.mark.skipif(not maildir.group_commit_available(), reason="SyncGroup delivers at once here")
+def test_in_a_group_the_maildir_counts_at_commit(box):
+    md = box.maildir()
+    box.qmail(".qmail-ext", "./Maildir/\n")
+    group = maildir.SyncGroup()
+    assert _group_deliver(box, group, 1).report == ok(files=1)
+    assert messages(md) == []
+    group.commit()
+    assert group.failed == {}
+    assert messages(md) == [delivered()]
+
+
+def test_in_a_group_a_program_sees_the_lines_above_it_delivered(box):
+    md = box.maildir()
+    box.qmail(".qmail-ext", "./Maildir/\n|ls Maildir/new | wc -l\n")
+    group = maildir.SyncGroup()
+    result = _group_deliver(box, group, 1)
+    assert result.status == "K"
+    assert result.report == "1\n" + ok(files=1, programs=1)
+    assert len(group) == 0 and messages(md) == [delivered()]

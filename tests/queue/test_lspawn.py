@@ -122,3 +122,31 @@ def test_a_worker_that_dies_defers_its_job_and_the_next_job_gets_a_new_worker(ho
     assert second_pid != first_pid
     assert len(list((home_dir / "Maildir" / "new").iterdir())) == 1
 
+
+
+def test_jobs_sent_together_fail_alone(home, mailtmp):
+    """Jobs given in one pass travel in one frame and share a group commit; a Maildir that cannot
+    take its file defers its own job only."""
+    home_dir, pw = home
+    other = mailtmp / "other"
+    other.mkdir(mode=0o755)
+    os.chown(other, pw.pw_uid, pw.pw_gid)
+    broken = maildirmake(other / "Maildir", uid=pw.pw_uid, gid=pw.pw_gid)
+    (broken / "new").rmdir()
+    good = [_job(home_dir, pw, _message(mailtmp, i)) for i in range(3)]
+    bad = _job(home_dir, pw, _message(mailtmp, 9))
+    bad = LocalJob(bad.message_path, bad.sender, bad.recipient,
+                   AssignEntry("nobody", pw.pw_uid, pw.pw_gid, str(other), "", ""), bad.default_delivery)
+    spawner = Spawner(procs_per_uid=3)
+    spawner.start()
+    try:
+        results = asyncio.run(_deliver_all(spawner, [good[0], bad, good[1], good[2]]))
+        workers = [w for ws in spawner._workers.values() for w in ws]
+    finally:
+        spawner.close()
+    assert len(workers) == 1  # all four went to one process
+    assert [r.status for r in results] == ["K", "Z", "K", "K"], results
+    assert "Unable to link tmp file into new" in results[1].report or "chdir" in results[1].report
+    bodies = sorted(p.read_bytes().split(b"\n\n", 1)[1] for p in (home_dir / "Maildir" / "new").iterdir())
+    assert bodies == [b"body 0\n", b"body 1\n", b"body 2\n"]
+    assert list((broken / "tmp").iterdir()) == []

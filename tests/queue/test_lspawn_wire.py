@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from pqmail.config.assign import AssignEntry
 from pqmail.local.deliver import LocalJob, LocalResult
-from pqmail.queue.lspawn import _job_from_wire, _job_to_wire, _result_from_wire, _result_to_wire
+from pqmail.queue.lspawn import (
+    _frame,
+    _job_from_wire,
+    _job_to_wire,
+    _result_from_wire,
+    _result_to_wire,
+    _split_frame,
+)
 
 ENTRY = AssignEntry("popuser", 1001, 1002, "/m/e/ex1/DOMAINS/example.com", "-", "J\xf6e.Smith")
 
@@ -33,6 +40,27 @@ def test_job_with_a_nul_in_a_field_is_refused() -> None:
 def test_job_frame_with_the_wrong_field_count_is_refused() -> None:
     with pytest.raises(ValueError, match="fields"):
         _job_from_wire(b"1\0a\0b", "/proc/self/fd/3")
+
+
+def test_several_jobs_travel_in_one_frame_each_with_its_descriptor() -> None:
+    jobs = [LocalJob(message_path="x", sender=f"s{i}@x.test", recipient=f"r{i}@x.test", entry=ENTRY,
+                     default_delivery="") for i in range(3)]  # empty fields too
+    split = _split_frame(_frame([_job_to_wire(10 + i, j) for i, j in enumerate(jobs)]), [7, 8, 9])
+    assert [fd for _data, fd in split] == [7, 8, 9]
+    back = [_job_from_wire(data, f"/proc/self/fd/{fd}") for data, fd in split]
+    assert [(i, j.sender, j.recipient, j.message_path) for i, j in back] == [
+        (10 + i, f"s{i}@x.test", f"r{i}@x.test", f"/proc/self/fd/{7 + i}") for i in range(3)]
+
+
+@pytest.mark.parametrize("frame, fds", [
+    (b"2\0" + b"\0".join([b"f"] * 10), [3, 4]),  # fewer jobs than announced
+    (b"1\0" + b"\0".join([b"f"] * 10), [3, 4]),  # a descriptor too many
+    (b"x\0", []),
+    (b"", []),
+])
+def test_a_frame_that_does_not_add_up_is_refused(frame: bytes, fds: list[int]) -> None:
+    with pytest.raises(ValueError):
+        _split_frame(frame, fds)
 
 
 @pytest.mark.parametrize("result", [

@@ -136,10 +136,16 @@ class _Report:
         return data.decode("utf-8", "surrogateescape")
 
 
-def deliver_local(job: LocalJob) -> LocalResult:
-    """Deliver one message to one local recipient, qmail-local style; never raises for a delivery error."""
+def deliver_local(job: LocalJob, group: maildir.SyncGroup | None = None, tag: object = None) -> LocalResult:
+    """Deliver one message to one local recipient, qmail-local style; never raises for a delivery error.
+
+    With a ``group``, Maildir deliveries are written at once but made durable (and linked into
+    ``new/``) by ``group.commit()``, under ``tag``: a ``K`` result stands only if ``tag`` is then
+    not in ``group.failed``. Before a program runs, the group is committed, so a program sees the
+    deliveries of the lines above it on disk, as under qmail-local.
+    """
     report = _Report()
-    d = _Delivery(job, report)
+    d = _Delivery(job, report, group, tag)
     try:
         forwards = d.run()
     except (TemporaryFailure, PermanentFailure) as e:
@@ -158,8 +164,11 @@ def deliver_local(job: LocalJob) -> LocalResult:
 class _Delivery:
     """State of one qmail-local run; :meth:`run` raises Temporary/PermanentFailure on failure."""
 
-    def __init__(self, job: LocalJob, report: _Report) -> None:
+    def __init__(self, job: LocalJob, report: _Report, group: maildir.SyncGroup | None = None,
+                 tag: object = None) -> None:
         self.job = job
+        self.group = group
+        self.tag = tag
         self.entry = job.entry
         self.report = report
         self.start = time.time()
@@ -320,8 +329,12 @@ class _Delivery:
         return self._rpline
 
     def to_maildir(self, line: bytes) -> None:
+        chunks = (self.rpline, self.dtline, self.message)
         try:
-            maildir.deliver(os.fsdecode(self._path(line)), (self.rpline, self.dtline, self.message))
+            if self.group is None:
+                maildir.deliver(os.fsdecode(self._path(line)), chunks)
+            else:
+                self.group.add(os.fsdecode(self._path(line)), chunks, self.tag)
         except OSError:
             raise TemporaryFailure("Temporary error on maildir delivery. (#4.3.0)") from None
 
@@ -343,6 +356,12 @@ class _Delivery:
 
     def to_program(self, command: bytes) -> int:
         """Run ``/bin/sh -c command``; its output joins the report. Returns 0 or 99, else raises."""
+        group = self.group
+        if group is not None and len(group):
+            group.commit()
+            failure = group.failed.get(self.tag)
+            if failure is not None:
+                raise failure
         try:  # programs share the message descriptor, rewound for each, as qmail-local's fd 0
             os.lseek(self.msg_fd, 0, os.SEEK_SET)
         except OSError:

@@ -30,10 +30,11 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pqmail import fsutil
 from pqmail.errors import TemporaryFailure, UsageError
 
 __all__ = [
@@ -396,7 +397,7 @@ class SyncGroup:
             return
         try:
             try:
-                _sync_and_flush({p.dev: p.fd for p in pending})
+                fsutil.sync_and_flush({p.dev: p.fd for p in pending})
             except OSError as e:
                 self._fail(pending, f"Unable to write to maildir: {e.strerror or e}. (#4.3.0)")
                 return
@@ -427,7 +428,7 @@ class SyncGroup:
                 except TemporaryFailure as e:
                     self.failed.setdefault(p.tag, e)
             try:
-                _sync_and_flush({p.dev: new for p, new, _name in linked})
+                fsutil.sync_and_flush({p.dev: new for p, new, _name in linked})
             except OSError as e:
                 for _p, new, name in linked:
                     _unlink_quietly(name, new)  # not known to be durable: withdrawn, retried
@@ -446,39 +447,7 @@ def group_commit_available() -> bool:
     """Whether :class:`SyncGroup` shares syncs here (else it delivers each message on its own).
 
     The first call loads what it needs (ctypes): make it before dropping privileges."""
-    return _anonymous_files() and _syncfs() is not None
-
-
-def _sync_and_flush(fds: dict[int, int]) -> None:
-    """syncfs() each file system (one descriptor on it each), then fsync() that descriptor.
-
-    syncfs writes and waits for everything dirty there, but on ext4 without a journal it issues no
-    cache flush after the metadata blocks it writes last; the fsync of a now clean file does
-    exactly that flush (and on journalled file systems costs next to nothing more)."""
-    sync = _syncfs()
-    assert sync is not None
-    for fd in fds.values():
-        sync(fd)
-        os.fsync(fd)
-
-
-@functools.cache
-def _syncfs() -> Callable[[int], None] | None:
-    try:
-        import ctypes
-
-        call = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError, ImportError):
-        return None
-    call.argtypes = [ctypes.c_int]
-    call.restype = ctypes.c_int
-
-    def syncfs(fd: int) -> None:
-        if call(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
-
-    return syncfs
+    return _anonymous_files() and fsutil.syncfs_available()
 
 
 # ----------------------------------------------------------------------------- reading

@@ -104,6 +104,9 @@ def mail_user_ids(root_control: Path) -> tuple[int, int]:
 
 
 def drop_privileges(uid: int, gid: int) -> None:
+    from pqmail import fsutil
+
+    fsutil.syncfs_available()  # loads ctypes while the interpreter's library is still readable
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)

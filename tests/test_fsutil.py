@@ -1,0 +1,33 @@
+"""fsutil's group syncs: syncfs + flush on real descriptors, and errors as OSError."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from pqmail import fsutil
+
+pytestmark = pytest.mark.skipif(not fsutil.syncfs_available(), reason="no syncfs(2) here")
+
+
+def test_sync_and_flush_takes_a_descriptor_per_file_system(tmp_path: Path) -> None:
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"data\n")
+        fsutil.sync_and_flush({os.fstat(fd).st_dev: fd})
+        fsutil.syncfs(fd)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"data\n"
+
+
+def test_a_bad_descriptor_is_an_oserror() -> None:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    with pytest.raises(OSError) as e:
+        fsutil.sync_and_flush({0: w})
+    assert e.value.errno == errno.EBADF

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +29,8 @@ def atomic_write(
 
     Readers see either the old or the new content, never a mix; a crash leaves the old file.
     """
+    import tempfile  # here: inject and sendmail import this module, and start-up time counts
+
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -54,7 +54,6 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from pqmail import fsutil
 from pqmail.addresses import date822
 from pqmail.errors import PermanentFailure, TemporaryFailure, UsageError
 
@@ -491,7 +490,11 @@ class Queue:
                 # where each would cost two fsyncs and one per mess/N directory (see
                 # fsutil.sync_and_flush); one message keeps its fsyncs (a light load pays no
                 # whole-file-system sync).
-                grouped = len(staged) > 1 and fsutil.syncfs_available()
+                grouped = len(staged) > 1
+                if grouped:
+                    from pqmail import fsutil  # here: inject (a group of one) starts faster
+
+                    grouped = fsutil.syncfs_available()
                 if grouped:
                     first = staged[0][1]
                     fsutil.sync_and_flush({0: first})

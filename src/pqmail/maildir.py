@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pqmail import fsutil
+from pqmail import syncfs
 from pqmail.errors import TemporaryFailure, UsageError
 
 __all__ = [
@@ -397,7 +397,7 @@ class SyncGroup:
             return
         try:
             try:
-                fsutil.sync_and_flush({p.dev: p.fd for p in pending})
+                syncfs.sync_and_flush({p.dev: p.fd for p in pending})
             except OSError as e:
                 self._fail(pending, f"Unable to write to maildir: {e.strerror or e}. (#4.3.0)")
                 return
@@ -428,7 +428,7 @@ class SyncGroup:
                 except TemporaryFailure as e:
                     self.failed.setdefault(p.tag, e)
             try:
-                fsutil.sync_and_flush({p.dev: new for p, new, _name in linked})
+                syncfs.sync_and_flush({p.dev: new for p, new, _name in linked})
             except OSError as e:
                 for _p, new, name in linked:
                     _unlink_quietly(name, new)  # not known to be durable: withdrawn, retried
@@ -447,7 +447,7 @@ def group_commit_available() -> bool:
     """Whether :class:`SyncGroup` shares syncs here (else it delivers each message on its own).
 
     The first call loads what it needs (ctypes): make it before dropping privileges."""
-    return _anonymous_files() and fsutil.syncfs_available()
+    return _anonymous_files() and syncfs.available()
 
 
 # ----------------------------------------------------------------------------- reading

@@ -104,9 +104,9 @@ def mail_user_ids(root_control: Path) -> tuple[int, int]:
 
 
 def drop_privileges(uid: int, gid: int) -> None:
-    from pqmail import fsutil
+    from pqmail import syncfs
 
-    fsutil.syncfs_available()  # loads ctypes while the interpreter's library is still readable
+    syncfs.available()  # loads ctypes while the interpreter's library is still readable
     os.setgroups([])
     os.setgid(gid)
     os.setuid(uid)

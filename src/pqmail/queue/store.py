@@ -34,7 +34,7 @@ message, and ``intd/id``; fsync both and ``mess/N/``; link ``intd/id`` to ``todo
 point); fsync ``todo/``; only then return, after writing one byte to the trigger without blocking.
 Concurrent enqueue_async calls share these fsyncs (group commit); enqueue is a group of one. A
 group of several replaces the per-file and per-directory fsyncs by one syncfs and one flush before
-the todo links, and one syncfs before the fsync of ``todo/`` (see ``fsutil.sync_and_flush``).
+the todo links, and one syncfs before the fsync of ``todo/`` (see :mod:`pqmail.syncfs`).
 A crash before the todo link leaves files that :meth:`Queue.cleanup_stale` removes and that are
 never delivered; after it, the message is whole and will be delivered.
 
@@ -54,6 +54,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from pqmail import syncfs
 from pqmail.addresses import date822
 from pqmail.errors import PermanentFailure, TemporaryFailure, UsageError
 
@@ -488,16 +489,12 @@ class Queue:
             try:
                 # Several messages: one syncfs and flush for all their files and directories,
                 # where each would cost two fsyncs and one per mess/N directory (see
-                # fsutil.sync_and_flush); one message keeps its fsyncs (a light load pays no
+                # pqmail.syncfs); one message keeps its fsyncs (a light load pays no
                 # whole-file-system sync).
-                grouped = len(staged) > 1
-                if grouped:
-                    from pqmail import fsutil  # here: inject (a group of one) starts faster
-
-                    grouped = fsutil.syncfs_available()
+                grouped = len(staged) > 1 and syncfs.available()
                 if grouped:
                     first = staged[0][1]
-                    fsutil.sync_and_flush({0: first})
+                    syncfs.sync_and_flush({0: first})
                 else:
                     dirs = set()
                     for _, fd, mess, _, ifd in staged:
@@ -511,7 +508,7 @@ class Queue:
                     self._link_todo(intd, mid)
                     outcomes[i] = mid
                 if grouped:
-                    fsutil.syncfs(first)  # the new todo/ names and link counts; flushed by:
+                    syncfs.syncfs(first)  # the new todo/ names and link counts; flushed by:
                 sync_dir(f"{self._dir}/todo")
             except BaseException as e:
                 failure = _as_failure(e, self._dir)

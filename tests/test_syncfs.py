@@ -1,4 +1,4 @@
-"""fsutil's group syncs: syncfs + flush on real descriptors, and errors as OSError."""
+"""Group syncs (pqmail.syncfs): syncfs + flush on real descriptors, and errors as OSError."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from pqmail import fsutil
+from pqmail import syncfs
 
-pytestmark = pytest.mark.skipif(not fsutil.syncfs_available(), reason="no syncfs(2) here")
+pytestmark = pytest.mark.skipif(not syncfs.available(), reason="no syncfs(2) here")
 
 
 def test_sync_and_flush_takes_a_descriptor_per_file_system(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         os.write(fd, b"data\n")
-        fsutil.sync_and_flush({os.fstat(fd).st_dev: fd})
-        fsutil.syncfs(fd)
+        syncfs.sync_and_flush({os.fstat(fd).st_dev: fd})
+        syncfs.syncfs(fd)
     finally:
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"data\n"
@@ -29,5 +29,5 @@ def test_a_bad_descriptor_is_an_oserror() -> None:
     os.close(r)
     os.close(w)
     with pytest.raises(OSError) as e:
-        fsutil.sync_and_flush({0: w})
+        syncfs.sync_and_flush({0: w})
     assert e.value.errno == errno.EBADF

@@ -17,7 +17,7 @@ def test_sync_and_flush_takes_a_descriptor_per_file_system(tmp_path: Path) -> No
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         os.write(fd, b"data\n")
-        syncfs.sync_and_flush({os.fstat(fd).st_dev: fd})
+        syncfs.sync_and_flush([fd])
         syncfs.syncfs(fd)
     finally:
         os.close(fd)
@@ -29,5 +29,5 @@ def test_a_bad_descriptor_is_an_oserror() -> None:
     os.close(r)
     os.close(w)
     with pytest.raises(OSError) as e:
-        syncfs.sync_and_flush({0: w})
+        syncfs.sync_and_flush([w])
     assert e.value.errno == errno.EBADF

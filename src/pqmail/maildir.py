@@ -223,19 +223,26 @@ def deliver(maildir: str | os.PathLike[str], chunks: Iterable[bytes]) -> str:
     TemporaryFailure (qmail-local's wording and #4.x.x code) and removes the tmp file.
     """
     md = os.fspath(maildir)
-    if _anonymous_files():
+    fd = _open_anonymous(md)
+    if fd is not None:
         try:
-            fd = os.open(f"{md}/tmp", _O_ANON, 0o600)
-        except OSError as e:
-            if e.errno not in _NO_ANON:
-                raise _open_failure(md, e) from None
-        else:
-            try:
-                return _deliver_anonymous(md, fd, chunks)
-            except _LinkRefused as e:
-                if not isinstance(chunks, tuple | list):  # already consumed: cannot start over
-                    raise TemporaryFailure(f"Unable to link tmp file into new: {e}. (#4.3.0)") from None
+            return _deliver_anonymous(md, fd, chunks)
+        except _LinkRefused as e:
+            if not isinstance(chunks, tuple | list):  # already consumed: cannot start over
+                raise TemporaryFailure(f"Unable to link tmp file into new: {e}. (#4.3.0)") from None
     return _deliver_named(md, chunks)
+
+
+def _open_anonymous(md: str) -> int | None:
+    """An anonymous file in ``md/tmp``; None where the system or file system has none."""
+    if not _anonymous_files():
+        return None
+    try:
+        return os.open(f"{md}/tmp", _O_ANON, 0o600)
+    except OSError as e:
+        if e.errno not in _NO_ANON:
+            raise _open_failure(md, e) from None
+        return None
 
 
 class _LinkRefused(Exception):
@@ -251,11 +258,7 @@ def _deliver_anonymous(md: str, fd: int, chunks: Iterable[bytes]) -> str:
     """Write and fsync the anonymous file ``fd``, link it into ``new/`` and fsync ``new/``."""
     try:
         _write_message(fd, chunks)
-        try:
-            new = os.open(f"{md}/new", _O_DIR)
-        except OSError as e:
-            raise TemporaryFailure(f"Unable to link tmp file into new: {e.strerror or e}. (#4.3.0)") \
-                from None
+        new = _open_new(md)
         try:
             name = _link_into(new, fd)
             try:
@@ -271,6 +274,13 @@ def _deliver_anonymous(md: str, fd: int, chunks: Iterable[bytes]) -> str:
             os.close(new)
     finally:
         os.close(fd)  # an unlinked anonymous file simply goes
+
+
+def _open_new(md: str) -> int:
+    try:
+        return os.open(f"{md}/new", _O_DIR)
+    except OSError as e:
+        raise TemporaryFailure(f"Unable to link tmp file into new: {e.strerror or e}. (#4.3.0)") from None
 
 
 def _link_into(new: int, fd: int) -> str:
@@ -372,14 +382,11 @@ class SyncGroup:
     def add(self, maildir: str | os.PathLike[str], chunks: Sequence[bytes], tag: object) -> None:
         """Write ``chunks`` (in memory) into ``maildir``'s tmp/; delivered at the next commit."""
         md = os.fspath(maildir)
-        if not group_commit_available():
+        if not syncfs.available():
             deliver(md, chunks)
             return
-        try:
-            fd = os.open(f"{md}/tmp", _O_ANON, 0o600)
-        except OSError as e:
-            if e.errno not in _NO_ANON:
-                raise _open_failure(md, e) from None
+        fd = _open_anonymous(md)
+        if fd is None:  # no anonymous files here: the classic way, synced on its own
             _deliver_named(md, chunks)
             return
         try:
@@ -397,7 +404,7 @@ class SyncGroup:
             return
         try:
             try:
-                syncfs.sync_and_flush({p.dev: p.fd for p in pending})
+                syncfs.sync_and_flush({p.dev: p.fd for p in pending}.values())
             except OSError as e:
                 self._fail(pending, f"Unable to write to maildir: {e.strerror or e}. (#4.3.0)")
                 return
@@ -407,7 +414,7 @@ class SyncGroup:
                 os.close(p.fd)
 
     def _link(self, pending: list[_Pending]) -> None:
-        dirs: dict[str, int] = {}
+        dirs: dict[str, int] = {}  # new/ of each Maildir, opened once for the group
         linked: list[tuple[_Pending, int, str]] = []
         try:
             for p in pending:
@@ -416,19 +423,17 @@ class SyncGroup:
                 try:
                     new = dirs.get(p.maildir)
                     if new is None:
-                        try:
-                            new = dirs[p.maildir] = os.open(f"{p.maildir}/new", _O_DIR)
-                        except OSError as e:
-                            raise TemporaryFailure(
-                                f"Unable to link tmp file into new: {e.strerror or e}. (#4.3.0)") from None
+                        new = dirs[p.maildir] = _open_new(p.maildir)
+                    linked.append((p, new, _link_into(new, p.fd)))
+                except _LinkRefused:
                     try:
-                        linked.append((p, new, _link_into(new, p.fd)))
-                    except _LinkRefused:
                         _deliver_named(p.maildir, p.chunks)  # synced on its own
+                    except TemporaryFailure as e:
+                        self.failed.setdefault(p.tag, e)
                 except TemporaryFailure as e:
                     self.failed.setdefault(p.tag, e)
             try:
-                syncfs.sync_and_flush({p.dev: new for p, new, _name in linked})
+                syncfs.sync_and_flush({p.dev: new for p, new, _name in linked}.values())
             except OSError as e:
                 for _p, new, name in linked:
                     _unlink_quietly(name, new)  # not known to be durable: withdrawn, retried

@@ -16,7 +16,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 
 def available() -> bool:
@@ -24,10 +24,10 @@ def available() -> bool:
     return _syncfs() is not None
 
 
-def sync_and_flush(fds: dict[int, int]) -> None:
-    """Make everything written so far durable on each file system; ``fds`` maps a device to one
-    descriptor on it. OSError as fsync raises it."""
-    for fd in fds.values():
+def sync_and_flush(fds: Iterable[int]) -> None:
+    """Make everything written so far durable on the file systems of ``fds`` (one descriptor on
+    each is enough). OSError as fsync raises it."""
+    for fd in fds:
         syncfs(fd)
         os.fsync(fd)
 

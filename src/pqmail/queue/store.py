@@ -494,7 +494,7 @@ class Queue:
                 grouped = len(staged) > 1 and syncfs.available()
                 if grouped:
                     first = staged[0][1]
-                    syncfs.sync_and_flush({0: first})
+                    syncfs.sync_and_flush([first])
                 else:
                     dirs = set()
                     for _, fd, mess, _, ifd in staged:
@@ -508,7 +508,7 @@ class Queue:
                     self._link_todo(intd, mid)
                     outcomes[i] = mid
                 if grouped:
-                    syncfs.syncfs(first)  # the new todo/ names and link counts; flushed by:
+                    syncfs.syncfs(first)  # the new todo/ names and link counts, flushed by the fsync below
                 sync_dir(f"{self._dir}/todo")
             except BaseException as e:
                 failure = _as_failure(e, self._dir)

@@ -15,7 +15,14 @@ from pathlib import Path
 from pqmail.config.control import load_control
 from pqmail.errors import UsageError
 from pqmail.paths import Root
-from pqmail.supervisor import Service, Supervisor, bind_listener, mail_user_ids, parse_hostport
+from pqmail.supervisor import (
+    Service,
+    Supervisor,
+    bind_listener,
+    mail_user_ids,
+    parse_hostport,
+    worker_services,
+)
 
 
 @dataclass
@@ -100,15 +107,15 @@ def run_serve(root: Root, opts: ServeOptions, check_only: bool = False) -> int:
     if smtp:
         from pqmail.smtp.server import serve_listeners
 
-        for n in range(opts.workers):
-            services.append(Service(f"smtpd-{n}", lambda: serve_listeners(root, smtp), drop_to=drop))
+        services += worker_services("smtpd", opts.workers, drop,
+                                    lambda counter: serve_listeners(root, smtp, sessions=counter))
     if pop3:
         from pqmail.pop3.server import serve_pop3_listeners
 
-        for n in range(opts.workers):
-            # it reads control/servercert.pem (root-only is fine) before dropping to the mail user
-            services.append(Service(f"pop3d-{n}", lambda: serve_pop3_listeners(root, pop3, drop_to=drop),
-                                    drop_to=None))
+        # each reads control/servercert.pem (root-only is fine) before dropping to the mail user
+        services += worker_services(
+            "pop3d", opts.workers, None,
+            lambda counter: serve_pop3_listeners(root, pop3, drop_to=drop, counts=counter))
     if odmr:
         from pqmail.serialmail.odmr import serve_odmr_listeners
 

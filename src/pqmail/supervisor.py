@@ -27,9 +27,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from pqmail.errors import UsageError
+from pqmail.sessioncount import SessionCounter, SessionTable
 
 BACKOFF_MAX = 60.0
 STABLE_AFTER = 30.0  # a service that ran this long counts as healthy again
@@ -43,12 +45,23 @@ class Service:
     name: str
     target: Callable[[], None]
     drop_to: tuple[int, int] | None  # (uid, gid) to become, or None to stay as we are
+    on_exit: Callable[[], None] | None = None  # run in the supervisor when the process has exited
     pid: int = 0
     started: float = 0.0
     failures: int = 0
     restart_at: float = 0.0
     out_fd: int = -1
     buffer: bytes = field(default=b"")
+
+
+def worker_services(name: str, count: int, drop_to: tuple[int, int] | None,
+                    run: Callable[[SessionCounter], None]) -> list[Service]:
+    """``count`` processes ``name-0``.. serving the same sockets: ``run(counter)`` serves with the
+    worker's share of one SessionTable, so that session limits count all of them; the share of a
+    worker that exits is cleared (its connections went with it)."""
+    table = SessionTable(count)
+    return [Service(f"{name}-{n}", partial(run, table.counter(n)), drop_to=drop_to,
+                    on_exit=partial(table.clear, n)) for n in range(count)]
 
 
 def parse_hostport(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -224,6 +237,8 @@ class Supervisor:
 
     def _exited(self, svc: Service, status: int) -> None:
         svc.pid = 0
+        if svc.on_exit is not None:
+            svc.on_exit()
         how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                else f"status {os.waitstatus_to_exitcode(status)}")
         if self.stopping:

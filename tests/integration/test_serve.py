@@ -300,6 +300,37 @@ def test_every_250_survives_sigkill_of_smtpd_workers_and_send(seed, serve):
 
 # ----------------------------------------------------------------------------- signals
 
+def _greeting(port: int) -> tuple[socket.socket, bytes]:
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    return s, s.makefile("rb").readline()
+
+
+def test_maxsessions_counts_the_sessions_of_every_worker(seed, serve):
+    (seed["root"] / "control" / "maxsessions").write_text("3\n")
+    srv = serve()  # two smtpd workers on one socket: each session lands in either
+    held = [_greeting(srv.port) for _ in range(3)]
+    assert all(g.startswith(b"220 ") for _, g in held), held
+    extra, reply = _greeting(srv.port)
+    assert reply == b"421 4.3.2 too many sessions, try again later (#4.3.2)\r\n"
+    extra.close()
+    held[0][0].sendall(b"QUIT\r\n")
+    held[0][0].close()
+    # the slot is given back once its worker has seen the QUIT: a later session is admitted
+    wait_for("a session admitted after a QUIT", lambda: _greeting(srv.port)[1].startswith(b"220 "),
+             explain=srv.log)
+    # a killed worker's sessions end with it and stop counting; none is counted twice after the restarts
+    for name in ("smtpd-0", "smtpd-1"):
+        srv.wait_restarted(name, srv.kill(name))
+    for s, _ in held[1:]:
+        s.close()
+    again = [_greeting(srv.port) for _ in range(3)]
+    assert all(g.startswith(b"220 ") for _, g in again), (again, srv.log())
+    refused, reply = _greeting(srv.port)
+    assert reply.startswith(b"421 4.3.2 too many sessions"), reply
+    for s, _ in [*again, (refused, b"")]:
+        s.close()
+
+
 def test_sighup_is_forwarded_and_sigterm_stops_cleanly(seed, serve):
     srv = serve()
     pid = int(srv.pidfile.read_text())

@@ -70,7 +70,8 @@ def pop3d(root, listen: tuple[str, ...], pop3s: tuple[str, ...], workers: int | 
     error; 111 for a system error.
     """
     from pqmail.pop3.server import preload, serve_pop3_listeners
-    from pqmail.supervisor import Service, Supervisor, bind_listener, mail_user_ids, parse_hostport
+    from pqmail.sessioncount import SessionCounter
+    from pqmail.supervisor import Supervisor, bind_listener, mail_user_ids, parse_hostport, worker_services
 
     is_root = os.geteuid() == 0
     if not (listen or pop3s):
@@ -93,11 +94,10 @@ def pop3d(root, listen: tuple[str, ...], pop3s: tuple[str, ...], workers: int | 
     preload()  # before forking: the workers may not be able to read the interpreter's files later
     ready()
 
-    def worker() -> None:  # drops privileges itself, after reading the TLS key
-        serve_pop3_listeners(root, listeners, drop_to=drop)
+    def worker(counts: SessionCounter) -> None:  # drops privileges itself, after reading the TLS key
+        serve_pop3_listeners(root, listeners, drop_to=drop, counts=counts)
 
-    services = [Service(f"pop3d-{i}", worker, drop_to=None) for i in range(n)]
-    raise SystemExit(Supervisor(services).run())
+    raise SystemExit(Supervisor(worker_services("pop3d", n, None, worker)).run())
 
 
 if __name__ == "__main__":  # `python -m pqmail.cli.pop3d_cmd` works before the command table lists pop3d

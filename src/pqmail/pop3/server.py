@@ -19,8 +19,8 @@ Settings (control files, one value each; qmail-style leading-digit numbers):
 file                       default  meaning
 =========================  =======  ===================================================================
 ``timeoutpop3d``           600      idle seconds before autologout (RFC 1939: at least 10 minutes)
-``concurrencypop3``        500      sessions at once in one pop3d process
-``concurrencypop3perip``   50       sessions at once from one client address (per process)
+``concurrencypop3``        500      sessions at once, counting every pop3d process of the host
+``concurrencypop3perip``   50       sessions at once from one client address
 ``pop3faildelay``          1        seconds before the reply to a failed login
 ``pop3authfailures``       10       failed logins from one address in 5 minutes before it is refused
 ``pop3authcache``          300      seconds a verified password is remembered (as an HMAC); 0 = never
@@ -49,7 +49,6 @@ import socket
 import ssl
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -73,6 +72,7 @@ from pqmail.pop3.protocol import (
     StartTLS,
     State,
 )
+from pqmail.sessioncount import SessionCounter
 from pqmail.supervisor import drop_privileges
 
 _Decided = tuple[AuthResult, Mailbox | MailboxError | Opening | None]  # what login_now decided
@@ -210,13 +210,13 @@ class _Session(asyncio.BufferedProtocol):
             hostname=st.hostname, tls_available=srv.tls is not None and self.kind == "pop3",
             tls_active=self.kind == "pop3s", plaintext_auth=not st.tls_only,
             apop_timestamp=srv.apop_stamp() if st.apop else None)
-        if len(srv.sessions) >= st.max_sessions or srv.per_ip[self.ip] >= st.max_per_ip:
+        if srv.counts.total() >= st.max_sessions or srv.counts.for_ip(self.ip) >= st.max_per_ip:
             self.conn.send_refusal("SYS/TEMP", "too many sessions, try again later")
             srv.log(f"refused ip={self.ip}: too many sessions")
             self._finish("refused")
             return
         srv.sessions.add(self)
-        srv.per_ip[self.ip] += 1
+        srv.counts.add(self.ip)
         self.counted = True
         self.conn.send_greeting()
         self.timer = self.loop.call_at(self.last + st.idle_timeout, self._idle_check)
@@ -358,9 +358,7 @@ class _Session(asyncio.BufferedProtocol):
             self.counted = False
             srv = self.server
             srv.sessions.discard(self)
-            srv.per_ip[self.ip] -= 1
-            if srv.per_ip[self.ip] <= 0:
-                del srv.per_ip[self.ip]
+            srv.counts.remove(self.ip)
         if self.opening is not None:
             self.opening.abandon()
             self.opening = None
@@ -481,7 +479,7 @@ class Pop3Server:
     """Sessions of one pop3d process (see :class:`_Session`)."""
 
     def __init__(self, root: Root, settings: Pop3Settings, *,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, counts: SessionCounter | None = None) -> None:
         self.root = root
         self.log = log or _stderr_log
         # logins (hash + opening the box) apart from message reads and QUIT's fsync, so that a burst of
@@ -490,7 +488,9 @@ class Pop3Server:
                                          thread_name_prefix="pop3-login")
         self.disk = ThreadPoolExecutor(max_workers=16, thread_name_prefix="pop3-disk")
         self.sessions: set[_Session] = set()
-        self.per_ip: Counter[str] = Counter()
+        # shared with the other pop3d processes of `pqmail serve`, so the limits hold for the host
+        self.counts = counts or SessionCounter.private()
+        self.counts.reset()
         self.recv_view = memoryview(bytearray(RECV_BUFFER))  # shared: the loop runs one read at a time
         self._apop_counter = 0
         self.apply(settings)
@@ -728,11 +728,13 @@ def _stderr_log(line: str) -> None:
 
 def serve_pop3_listeners(root: Root | str | os.PathLike[str], listeners: Iterable[tuple[str, socket.socket]],
                          log: Callable[[str], None] | None = None, ready: Callable[[], None] | None = None,
-                         drop_to: tuple[int, int] | None = None) -> None:
+                         drop_to: tuple[int, int] | None = None,
+                         counts: SessionCounter | None = None) -> None:
     """Serve POP3 on bound, listening sockets (``pop3`` or ``pop3s``) until SIGTERM/SIGINT; then return.
 
     Call it in the process that will serve; several such processes may share the sockets (one per
-    core serves best). ``drop_to`` (uid, gid): become that user once set up (the TLS key read); without
+    core serves best), each with its own ``counts`` of one SessionTable so that the session limits
+    count them all. ``drop_to`` (uid, gid): become that user once set up (the TLS key read); without
     it the caller must have dropped privileges already, as this refuses to serve as root. Raises
     ConfigError/UsageError when control/ is unusable at start.
     """
@@ -740,7 +742,7 @@ def serve_pop3_listeners(root: Root | str | os.PathLike[str], listeners: Iterabl
     if os.geteuid() == 0 and drop_to is None:
         raise UsageError("pop3d refuses to run as root: drop to control/mailuser first")
     preload()  # every hash backend imported while the interpreter's files are still readable
-    server = Pop3Server(root, load_settings(root), log=log)  # reads the key file
+    server = Pop3Server(root, load_settings(root), log=log, counts=counts)  # reads the key file
     if drop_to is not None:
         drop_privileges(*drop_to)
     aio.run(server.serve(list(listeners), ready))

@@ -116,8 +116,8 @@ class SmtpPolicy:
                                       ``RELAYCLIENT``); ``#`` comments
     ``badrcptto``           (none)    recipients refused (whole address, or ``@domain``)
     ``maxrcpt``             100       recipients per message; more get 452
-    ``maxsessions``         200       concurrent sessions per smtpd process
-    ``maxsessionsperip``    20        concurrent sessions per client IP, per smtpd process
+    ``maxsessions``         200       concurrent sessions, all smtpd processes together
+    ``maxsessionsperip``    20        concurrent sessions per client IP, all smtpd processes together
                                       (loopback and relayclients are exempt)
     ``maxheaderbytes``      262144    bytes of header (up to the first empty line); 0 = no limit
     ``maxsessiontime``      3600      seconds a whole session may last; 0 = no limit

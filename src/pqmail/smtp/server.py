@@ -11,8 +11,9 @@ against the POP box passwords, offered only under TLS.
 
 What it trusts: the control files and the password store. Nothing a client sends: every command
 line is bounded (998 bytes, then 500), every session is bounded in idle time (``timeoutsmtpd``) and
-in total (``maxsessiontime``), concurrent sessions per process and per client IP are bounded
-(``maxsessions``, ``maxsessionsperip``: 421 and close), as are unknown commands and AUTH failures.
+in total (``maxsessiontime``), concurrent sessions in all and per client IP are bounded
+(``maxsessions``, ``maxsessionsperip``: 421 and close; counted over every smtpd process of
+``pqmail serve``, see pqmail.sessioncount), as are unknown commands and AUTH failures.
 
 What it never does: run as root (the caller drops privileges first), answer 250 before the queue
 has the message, queue a message whose client went away mid-DATA, block its event loop on disk or
@@ -70,6 +71,7 @@ from pqmail.paths import Root
 from pqmail.pop3.auth import verify_secret
 from pqmail.queue.store import Queue
 from pqmail.serialmail.etrn import handle_etrn
+from pqmail.sessioncount import SessionCounter
 from pqmail.smtp import policy as pol
 from pqmail.smtp.policy import SmtpPolicy
 
@@ -255,7 +257,8 @@ def _extra_stamp(root: Root) -> tuple:
 class SmtpService:
     """What the sessions of one smtpd process share: settings, the queue, counters, thread pools."""
 
-    def __init__(self, root: Root, log: Callable[[str], None] | None = None) -> None:
+    def __init__(self, root: Root, log: Callable[[str], None] | None = None,
+                 sessions: SessionCounter | None = None) -> None:
         self.root = root
         self.log = log or _stderr_log
         self.policy: SmtpPolicy = pol.load_policy(root)
@@ -264,8 +267,9 @@ class SmtpService:
         self.tls = TlsContexts(root, self.log)
         self.queue = Queue(root.queue)
         self.passwords = PasswordStore(root)
-        self.sessions = 0
-        self.per_ip: dict[str, int] = {}
+        # shared with the other smtpd processes of `pqmail serve`, so the limits hold for the host
+        self.sessions = sessions or SessionCounter.private()
+        self.sessions.reset()
         self.protocols: set[QmailSMTP] = set()
         self.inflight: set[asyncio.Future] = set()
         self.stopping = False
@@ -342,13 +346,12 @@ class SmtpService:
             return R_SHUTDOWN
         if "smtpgreeting" in p.control.unset:
             return R_GREETING_FAIL
-        if p.maxsessions and self.sessions >= p.maxsessions:
+        if p.maxsessions and self.sessions.total() >= p.maxsessions:
             return R_TOO_MANY
-        n = self.per_ip.get(ip, 0)
-        if p.maxsessionsperip and n >= p.maxsessionsperip and not self._trusted(ip):
+        if (p.maxsessionsperip and self.sessions.for_ip(ip) >= p.maxsessionsperip
+                and not self._trusted(ip)):
             return R_TOO_MANY_IP
-        self.sessions += 1
-        self.per_ip[ip] = n + 1
+        self.sessions.add(ip)
         return None
 
     def _trusted(self, ip: str) -> bool:
@@ -362,12 +365,7 @@ class SmtpService:
         return pol.client_may_relay(self.policy, ip)
 
     def release(self, ip: str) -> None:
-        self.sessions -= 1
-        n = self.per_ip.get(ip, 0) - 1
-        if n > 0:
-            self.per_ip[ip] = n
-        else:
-            self.per_ip.pop(ip, None)
+        self.sessions.remove(ip)
 
     # -- the queue
 
@@ -1337,12 +1335,12 @@ def _exception_handler(log: Callable[[str], None]) -> Callable[[asyncio.Abstract
 
 
 async def _serve(root: Root, listeners: Iterable[tuple[str, socket.socket]],
-                 log: Callable[[str], None] | None) -> None:
+                 log: Callable[[str], None] | None, sessions: SessionCounter | None) -> None:
     loop = asyncio.get_running_loop()
     if log is None:
         log = _LoopLog(loop)
     loop.set_exception_handler(_exception_handler(log))
-    service = SmtpService(root, log)
+    service = SmtpService(root, log, sessions)
     listeners = list(listeners)
     servers: list[asyncio.base_events.Server] = []
     handshake = float(min(60, max(1, service.policy.control.timeoutsmtpd)))
@@ -1391,13 +1389,15 @@ async def _serve(root: Root, listeners: Iterable[tuple[str, socket.socket]],
 
 
 def serve_listeners(root: Root | str | os.PathLike[str], listeners: Iterable[tuple[str, socket.socket]],
-                    log: Callable[[str], None] | None = None) -> None:
+                    log: Callable[[str], None] | None = None,
+                    sessions: SessionCounter | None = None) -> None:
     """Serve SMTP on bound, listening, non-blocking sockets until SIGTERM/SIGINT; then return.
 
     ``listeners`` pairs a kind (``smtp``, ``submission`` or ``smtps``) with a socket. Runs its own
     asyncio loop; call it in the process that will serve (after fork and privilege drop). Raises
-    ConfigError when control/ is unusable at start.
+    ConfigError when control/ is unusable at start. ``sessions`` is this worker's share of a
+    SessionTable when several processes serve the same sockets (the limits then count them all).
     """
     root = root if isinstance(root, Root) else Root(root)
     _quiet_aiosmtpd()
-    aio.run(_serve(root, listeners, log))
+    aio.run(_serve(root, listeners, log, sessions))

@@ -280,3 +280,43 @@ def test_atrn_while_a_transfer_runs_is_refused(tree):
         held.release()
     assert seen[-1].startswith(b"450 ") and b"already under way" in seen[-1]
     assert len(scan(d / "Maildir")) == 1 and sink.connections == 0
+
+
+def test_a_transfer_cut_by_a_shutdown_is_recorded_and_keeps_the_mail(tree):
+    root, d, sink = tree
+    PasswordStore(root).set(DOMAIN, "{PLAIN}s3cret", d / "Maildir")
+    for n in range(2):
+        _put(d, n)
+    plain = b"AUTH PLAIN " + _b64(b"\0some.example.com\0s3cret")
+
+    async def scenario() -> bytes:
+        service = OdmrService(root, lambda line: None)
+        server = await asyncio.start_server(service.handle, "127.0.0.1", 0)
+        r, w = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        try:
+            await r.readline()
+            for line in (b"EHLO customer.test", plain, b"ATRN"):
+                w.write(line + b"\r\n")
+                while (reply := await r.readline())[3:4] == b"-":
+                    pass
+            assert reply.startswith(b"250 "), reply
+            w.write(b"220 customer.test ESMTP\r\n")  # roles turned: we are the SMTP server now
+            ehlo = await r.readline()  # the transfer is under way; then the service stops, as
+            tasks = list(service.sessions)  # serve_odmr_listeners does after its grace period
+            for t in tasks:
+                t.cancel()
+            await asyncio.wait(tasks)
+            return ehlo
+        finally:
+            w.close()
+            server.close()
+            service.queue.close()
+
+    assert asyncio.run(scenario()).startswith(b"EHLO ")
+    last = read_last_transfer(d)
+    assert last is not None and last.status == "interrupted", last
+    assert "left 2" in last.text
+    assert len(scan(d / "Maildir")) == 2 and sink.connections == 0
+    lock = DirLock.try_lock(d)  # and the customer's lock was given back
+    assert lock is not None
+    lock.release()

@@ -307,7 +307,8 @@ def dialup_list(root: Root) -> None:
 
     The last transfer is what the latest flush (scheduled, ETRN, ODMR or
     `pqmail serialmail flush`) recorded in DIR/LASTTRANSFER: when, and ok,
-    deferred or failed with a summary of the customer's answers.
+    deferred, failed or interrupted (the service stopped midway), with a
+    summary of the customer's answers.
     """
     import time
 

@@ -69,7 +69,7 @@ def flush_cmd(dir: str, prefix: str | None, lifetime: int | None, root: Root) ->
         result = flush(dir, prefix=prefix, lifetime=life, control=load_control(root), queue=queue)
     finally:
         queue.close()
-    if result.status in ("deferred", "failed"):
+    if result.status in ("deferred", "failed", "interrupted"):
         sys.exit(111)
 
 

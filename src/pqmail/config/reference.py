@@ -587,7 +587,9 @@ password must be stored with --hashed.""",
         "LASTTRANSFER", "dialup", "record", "pqmail", "(none)",
         "outcome of the latest transfer: <unix time> <status> <summary>",
         _r(("dialup list", EACH_CALL)),
-        "Written atomically by every flush (scheduled, serialmail flush/run, ODMR). Not configuration.",
+        "Written atomically by every flush (scheduled, serialmail flush/run, ODMR). Status: ok, empty, "
+        "deferred (a 4xx stopped it), failed, or interrupted (the service stopped midway). "
+        "Not configuration.",
     ),
 )
 

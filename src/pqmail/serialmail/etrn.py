@@ -245,7 +245,7 @@ def _fork_flush(dir: Path, root: Root) -> int:
             queue = Queue(root.queue)
             result = flush(dir, lifetime=load_settings(root).lifetime, control=load_control(root),
                            queue=queue)
-            code = 111 if result.status in ("deferred", "failed") else 0
+            code = 111 if result.status in ("deferred", "failed", "interrupted") else 0
         except BaseException:
             code = 111
         finally:

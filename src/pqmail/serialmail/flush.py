@@ -183,7 +183,8 @@ def letter(code: int) -> str:
 
 @dataclass
 class FlushResult:
-    """What one transfer did. ``status``: busy, empty, ok, deferred (a 4xx stopped it) or failed."""
+    """What one transfer did. ``status``: busy, empty, ok, deferred (a 4xx stopped it), failed, or
+    interrupted (the service stopped midway)."""
 
     dir: Path
     status: str = "empty"
@@ -720,12 +721,25 @@ async def flush_async(dir: str | os.PathLike[str], *, prefix: str | None = None,
             peer = (writer.get_extra_info("peername") or (route.host,))[0]
             try:
                 await transfer(SmtpIO(reader, writer, peer), [job], control=control, queue=queue, log=log)
+            except asyncio.CancelledError:
+                finish_interrupted(job, log)
+                raise
             finally:
                 writer.close()
                 with contextlib.suppress(OSError, TimeoutError):
                     await asyncio.wait_for(writer.wait_closed(), QUIT_TIMEOUT)
         await asyncio.to_thread(finish, job, log)  # fsyncs off the loop: other flushes go on meanwhile
     return job.result
+
+
+def finish_interrupted(job: Job, log: Log) -> None:
+    """:func:`finish` for a transfer cancelled midway (the service is stopping): what was delivered
+    is gone from the Maildir already; the rest waits for the next transfer. Runs in the loop's thread,
+    which is going away."""
+    if job.result.status != "failed":
+        job.result.status = "interrupted"
+        job.result.detail = "the server stopped during the transfer; the rest waits for the next one"
+    finish(job, log)
 
 
 def finish(job: Job, log: Log) -> None:

@@ -52,7 +52,7 @@ from pqmail.errors import PqmailError
 from pqmail.passwords import PasswordStore, verify_password
 from pqmail.paths import Root
 from pqmail.queue.store import Queue
-from pqmail.serialmail.flush import DirLock, Job, SmtpIO, finish, transfer
+from pqmail.serialmail.flush import DirLock, Job, SmtpIO, finish, finish_interrupted, transfer
 from pqmail.serialmail.runner import find_dialups, load_settings
 
 try:  # every scheme POP3 accepts (crypt, bcrypt), when that module is there
@@ -476,6 +476,11 @@ class OdmrService:
         try:
             await transfer(SmtpIO(reader, writer, ip), turn.jobs, control=self.control, queue=self.queue,
                            log=self.log)
+        except asyncio.CancelledError:  # stopping after the grace period: say so in LASTTRANSFER
+            for job in turn.jobs:
+                finish_interrupted(job, self.log)
+            raise
+        else:
             for job in turn.jobs:
                 await asyncio.to_thread(finish, job, self.log)
         finally:

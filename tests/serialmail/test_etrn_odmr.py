@@ -244,12 +244,17 @@ async def _with_server(root: Root, coro_factory, until=None):
         service.queue.close()
 
 
+def _customer_with_mail(root: Root, d: Path, messages: int) -> bytes:
+    """The customer's ODMR password set and ``messages`` waiting; the AUTH line that logs in."""
+    PasswordStore(root).set(DOMAIN, "{PLAIN}s3cret", d / "Maildir")
+    for n in range(messages):
+        _put(d, n)
+    return b"AUTH PLAIN " + _b64(b"\0some.example.com\0s3cret")
+
+
 def test_atrn_turns_the_connection_and_delivers(tree):
     root, d, sink = tree
-    PasswordStore(root).set(DOMAIN, "{PLAIN}s3cret", d / "Maildir")
-    for n in range(3):
-        _put(d, n)
-    plain = b"AUTH PLAIN " + _b64(b"\0some.example.com\0s3cret")
+    plain = _customer_with_mail(root, d, 3)
     seen = asyncio.run(_with_server(root, lambda port: _customer(port, sink.port, plain, b"ATRN"),
                                     until=lambda: read_last_transfer(d) is not None))
     assert seen[-1].startswith(b"250 "), seen
@@ -270,9 +275,7 @@ def test_atrn_turns_the_connection_and_delivers(tree):
 
 def test_atrn_while_a_transfer_runs_is_refused(tree):
     root, d, sink = tree
-    PasswordStore(root).set(DOMAIN, "{PLAIN}s3cret", d / "Maildir")
-    _put(d, 0)
-    plain = b"AUTH PLAIN " + _b64(b"\0some.example.com\0s3cret")
+    plain = _customer_with_mail(root, d, 1)
     held = DirLock.try_lock(d)
     try:
         seen = asyncio.run(_with_server(root, lambda port: _customer(port, sink.port, plain, b"ATRN")))
@@ -284,10 +287,7 @@ def test_atrn_while_a_transfer_runs_is_refused(tree):
 
 def test_a_transfer_cut_by_a_shutdown_is_recorded_and_keeps_the_mail(tree):
     root, d, sink = tree
-    PasswordStore(root).set(DOMAIN, "{PLAIN}s3cret", d / "Maildir")
-    for n in range(2):
-        _put(d, n)
-    plain = b"AUTH PLAIN " + _b64(b"\0some.example.com\0s3cret")
+    plain = _customer_with_mail(root, d, 2)
 
     async def scenario() -> bytes:
         service = OdmrService(root, lambda line: None)

@@ -1,7 +1,11 @@
 """The frames between the queue manager and its delivery processes: exact round trips, and a
-worker's frame taken as untrusted input (garbage is refused with ValueError, never a crash)."""
+worker's frame taken as untrusted input (garbage is refused with ValueError, never a crash; the
+worker that sent it is stopped and its jobs are retried)."""
 
 from __future__ import annotations
+
+import asyncio
+import socket
 
 import pytest
 from hypothesis import given
@@ -10,12 +14,14 @@ from hypothesis import strategies as st
 from pqmail.config.assign import AssignEntry
 from pqmail.local.deliver import LocalJob, LocalResult
 from pqmail.queue.lspawn import (
+    Spawner,
     _frame,
     _job_from_wire,
     _job_to_wire,
     _result_from_wire,
     _result_to_wire,
     _split_frame,
+    _Worker,
 )
 
 ENTRY = AssignEntry("popuser", 1001, 1002, "/m/e/ex1/DOMAINS/example.com", "-", "J\xf6e.Smith")
@@ -88,3 +94,32 @@ def test_any_bytes_from_a_worker_give_a_result_or_value_error(data: bytes) -> No
     assert isinstance(job_id, int)
     assert result.status in ("K", "Z", "D")
     assert all(isinstance(a, str) for a in result.forwards)
+
+
+def test_an_unreadable_result_stops_the_worker_and_its_jobs_come_back_as_deferrals() -> None:
+    """The manager's side of a worker's socket, with the test playing the worker: one good
+    result, then garbage. The job still waiting must not wait forever."""
+    logged: list[str] = []
+
+    async def scenario() -> tuple[LocalResult, LocalResult, bytes]:
+        loop = asyncio.get_running_loop()
+        spawner = Spawner(log=logged.append)
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        mine.setblocking(False)
+        first, second = loop.create_future(), loop.create_future()
+        w = _Worker(sock=mine, pid=4242, key=(1001, 1002), loop=loop,
+                    pending={1: first.set_result, 2: second.set_result})
+        spawner._workers[w.key] = [w]
+        loop.add_reader(mine.fileno(), spawner._on_readable, w)
+        with theirs:
+            theirs.send(_result_to_wire(1, LocalResult("K", "did 1+0+0\n", [], "", b"")))
+            theirs.send(b"2\0K\0\0\0not a count")
+            done = await asyncio.wait_for(asyncio.gather(first, second), 30)
+            return (*done, theirs.recv(100))  # b"": the manager closed its end, so the worker exits
+
+    ok, deferred, eof = asyncio.run(scenario())
+    assert ok.status == "K"
+    assert deferred.status == "Z" and "will retry" in deferred.report
+    assert eof == b""
+    assert any("delivery process 4242 sent an unreadable result" in line and "retried" in line
+               for line in logged), logged

@@ -405,8 +405,11 @@ class Spawner:
                 job_id, result = _result_from_wire(data)
                 done = w.pending.pop(job_id)
             except (ValueError, KeyError, UnicodeDecodeError) as e:
-                self.log(f"warning: delivery process {w.pid} sent an unreadable result: {e}")
-                continue
+                # its state is unknown: waiting for the job's real answer could last forever
+                self.log(f"warning: delivery process {w.pid} sent an unreadable result ({e}): "
+                         "stopping it; its jobs will be retried")
+                self._drop(w)
+                return
             w.last_done = next(self._ids)
             w.last_seen = time.monotonic()
             done(result)

@@ -230,3 +230,50 @@ def test_cli_reports_each_problem_on_a_line_and_exits_one(seed):
                      f"{joe}: group- or world-writable (mode 0666): qmail-local defers deliveries through it "
                      "(#4.7.0)"]
     assert p.stderr == b"pqmail check: 2 problems\n"
+
+
+# ----------------------------------------------------------------------------- queue/
+
+def test_a_damaged_queue_is_reported_then_fixed(tree):
+    root: Root = tree["root"]
+    q = root.queue
+    (q / "todo").chmod(0o700)  # smtpd, running as the mail user's group, could no longer commit
+    (q / "mess" / "7").rmdir()
+    (q / "lock" / "trigger").unlink()
+    os.mkfifo(q / "pool" / "12345")
+    found = problems(tree)
+    assert f"{q / 'todo'}: mode 0700, should be 3770" in found
+    assert f"{q / 'mess' / '7'}: missing (a directory, mode 3770)" in found
+    assert f"{q / 'lock' / 'trigger'}: missing (a FIFO, mode 0622)" in found
+    assert any(p.startswith(f"{q / 'pool' / '12345'}: not a regular file") for p in found)
+    assert found[-1] == f"{q}: `pqmail queue fix` restores the layout, modes and owner"
+    assert len(found) == 5, found
+
+    fixed = run_pqmail("queue", "fix", "--root", str(root.path))
+    out = fixed.stdout.decode()
+    assert f"fixed: {q / 'todo'}: mode 0700, should be 3770" in out
+    assert f"fixed: {q / 'lock' / 'trigger'}: missing" in out
+    assert "queue layout is right" in out
+    assert problems(tree) == []
+    assert not (q / "pool" / "12345").exists() and (q / "mess" / "7").is_dir()
+
+
+def test_queue_fix_reports_what_it_cannot_repair(tree):
+    root: Root = tree["root"]
+    (root.queue / "status").rmdir()
+    (root.queue / "status").write_text("not a directory\n")
+    p = run_pqmail("queue", "fix", "--root", str(root.path), check=False)
+    assert p.returncode == 100, p
+    assert f"{root.queue / 'status'}: exists and is not a directory" in p.stderr.decode()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a queue owned by another user than the mail user")
+def test_a_queue_the_mail_user_cannot_write_is_reported(tree):
+    root: Root = tree["root"]
+    os.chown(root.queue, 0, 0)
+    for sub in root.queue.rglob("*"):
+        os.chown(sub, 0, 0, follow_symlinks=False)
+    assert problems(tree) == [f"{root.queue}: the mail user 'nobody' (control/mailuser) is neither its owner "
+                              "(uid 0) nor in its group (0): smtpd could not queue mail"]
+    run_pqmail("queue", "fix", "--root", str(root.path))
+    assert problems(tree) == []

@@ -7,7 +7,9 @@ uid 0, homes that are missing, relative, sticky or group/world-writable), ``cont
 (a domain SMTP refuses because rcpthosts lacks it, a domain that locals overrides, a domain whose
 postmaster has no mailbox or loops to itself), and the dot-qmail files in every assign home
 (group/world-writable files, Maildir lines whose target is not a Maildir or belongs to another uid,
-delivery lines in a forward-only file).
+delivery lines in a forward-only file), and ``queue/`` (directories, modes and owner as ``pqmail init``
+makes them, spare files in ``pool/``, and whether the user of ``control/mailuser``, which smtpd runs
+as, may write the queue).
 
 Modes follow pqmail's conf-patrn 022: a home or dot-qmail file writable by group or others makes
 qmail-local defer its mail, and check lists it.
@@ -18,6 +20,7 @@ line, or stop at the first problem (a broken file is reported and the rest still
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import stat
@@ -31,6 +34,7 @@ from pqmail.errors import ConfigError
 from pqmail.maildir import is_maildir
 from pqmail.paths import Root
 from pqmail.provision import assign_lookup
+from pqmail.queue.layout import layout_problems
 from pqmail.routing import dotqmail_candidates
 
 UNSAFE_BITS = 0o022  # pqmail's conf-patrn: group- or world-writable
@@ -118,6 +122,38 @@ class _Checker:
             return
         if pw.pw_uid == 0:
             self.add(_at(path, 1), f"{name!r} is root: pqmail never runs its services or deliveries as root")
+
+    # -- queue/
+
+    def queue(self) -> None:
+        queue = self.root.queue
+        if not queue.exists():
+            self.add(str(queue), "missing: nothing can be queued (pqmail init creates it)")
+            return
+        found = layout_problems(queue)
+        for where, text in found:
+            self.add(where, text)
+        if found:
+            self.add(str(queue), "`pqmail queue fix` restores the layout, modes and owner")
+        self._mailuser_writes_queue(queue)
+
+    def _mailuser_writes_queue(self, queue: Path) -> None:
+        """smtpd runs as control/mailuser: it must own the queue or be in the queue's group."""
+        try:
+            name = read_value(self.root.control_file("mailuser"))
+            pw = pwd.getpwnam(name) if name else None
+            st = queue.stat()
+        except (ConfigError, KeyError, OSError):
+            return  # reported by mailuser() or above
+        if pw is None or pw.pw_uid in (0, st.st_uid) or pw.pw_gid == st.st_gid:
+            return
+        try:
+            members = grp.getgrgid(st.st_gid).gr_mem
+        except KeyError:
+            members = []
+        if name not in members:
+            self.add(str(queue), f"the mail user {name!r} (control/mailuser) is neither its owner (uid "
+                                 f"{st.st_uid}) nor in its group ({st.st_gid}): smtpd could not queue mail")
 
     # -- users/
 
@@ -297,4 +333,5 @@ def check_tree(root: Root) -> list[Problem]:
         c.virtualdomains(control, lines)
     if lines is not None:
         c.homes(lines)
+    c.queue()
     return c.problems

@@ -25,6 +25,9 @@ def check(root: Root) -> None:
                            domains whose postmaster has no mailbox (or forwards to itself)
       HOME/.qmail*         group/world-writable files, Maildir lines that are not Maildirs
                            or belong to another uid, delivery lines in forward-only files
+      queue/               directories, lock files, modes and owner as `pqmail init`
+                           makes them; spare files in queue/pool/; whether the mail user
+                           (smtpd) may write it. `pqmail queue fix` repairs these.
 
     Nothing is changed. Output is empty when the tree is clean.
 

@@ -108,3 +108,54 @@ def flush_cmd(root, sub_root: str | None = None) -> None:
 
     Queue(root.queue).request_retry()
     click.echo("pqmail send will retry every deferred message now")
+
+
+@queue.command("fix")
+@click.option("--root", "sub_root", metavar="DIR", default=None,
+              help="The pqmail root (also accepted before the subcommand).")
+@click.option("--owner", metavar="USER", default=None,
+              help="Give the queue to this user and its primary group. Default: control/mailuser "
+                   "(the invoking user when that file is missing and we are not root).")
+@click.pass_obj
+def fix_cmd(root, sub_root: str | None = None, owner: str | None = None) -> None:
+    """Restore the queue's layout, modes and owner (like queue-fix for qmail).
+
+    \b
+    Creates missing directories and lock files, and gives every directory the
+    mode and owner that `pqmail init` gives it. Spare files in queue/pool/
+    of another owner, or that are not regular files, are removed (they hold no
+    mail). Messages are not touched. Safe while pqmail runs. Prints each
+    problem it repaired; `pqmail check` reports the same problems without
+    changing anything.
+
+    \b
+    Exit status: 0 when the layout is right afterwards; 1 when problems are
+    left (listed); 100 for a usage error; 111 for a system error.
+    """
+    root = _pick_root(root, sub_root)
+    import os
+    import sys
+
+    from pqmail.provision import default_owner, lookup_owner
+    from pqmail.queue.layout import layout_problems, make_queue
+
+    who = lookup_owner(owner) if owner else default_owner(root)
+    queue_dir = root.queue
+    before = layout_problems(queue_dir) if queue_dir.exists() else []
+    if queue_dir.exists() and os.stat(queue_dir).st_uid != who.uid:
+        before.append((str(queue_dir), f"owner becomes {who.name}"))
+    make_queue(queue_dir, who.uid, who.gid)
+    pool = str(queue_dir / "pool")
+    for path, _text in layout_problems(queue_dir):
+        if os.path.dirname(path) == pool and (os.path.islink(path) or not os.path.isdir(path)):
+            os.unlink(path)
+    after = layout_problems(queue_dir)
+    left = set(after)
+    for path, text in before:
+        if (path, text) not in left:
+            click.echo(f"fixed: {path}: {text}")
+    for path, text in after:
+        click.echo(f"left: {path}: {text}")
+    if after:
+        sys.exit(1)
+    click.echo(f"queue layout is right ({queue_dir}, owner {who.name})")

@@ -56,12 +56,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pqmail import syncfs
 from pqmail.addresses import date822
-from pqmail.errors import PermanentFailure, TemporaryFailure, UsageError
+from pqmail.errors import PermanentFailure, TemporaryFailure
+from pqmail.queue.layout import SPLIT, make_queue
 
 if TYPE_CHECKING:  # pathlib is imported only when used: inject's start-up time counts
     from pathlib import Path
 
-SPLIT = 23  # qmail's conf-split
 MAX_ADDRESS = 1002  # qmail-queue's ADDR - 1: a longer address is its exit 11
 CHANNELS = ("local", "remote")
 STALE_PID_AGE = 300  # seconds: see cleanup_stale
@@ -1074,74 +1074,6 @@ def _remove_if_unlocked(path: str, committed: Any) -> bool:
         return _unlink(path)
     finally:
         os.close(fd)
-
-
-# ----------------------------------------------------------------------------- creating the layout
-
-# (relative path, mode). Writers (smtpd, inject, sendmail) create files in the group-writable
-# ones: setgid so that every file gets the queue's group, sticky so that no writer can remove
-# another's files. Everything else is the queue manager's alone.
-_WRITER_DIR = 0o3770
-_LAYOUT: list[tuple[str, int]] = [
-    ("", 0o750),
-    ("pid", _WRITER_DIR),
-    ("intd", _WRITER_DIR),
-    ("todo", _WRITER_DIR),
-    ("mess", 0o750),
-    *((f"mess/{n}", _WRITER_DIR) for n in range(SPLIT)),
-    *((sub, 0o700) for sub in ("info", "local", "remote")),
-    *((f"{sub}/{n}", 0o700) for sub in ("info", "local", "remote") for n in range(SPLIT)),
-    ("bounce", 0o700),
-    ("status", 0o700),
-    ("lock", 0o750),
-    ("pool", _WRITER_DIR),
-]
-
-
-def make_queue(path: str | os.PathLike[str], uid: int | None = None, gid: int | None = None) -> None:
-    """Create (or repair) the queue layout under ``path``; idempotent.
-
-    Modes, as qmail's install but without setuid programs: the directories a writer creates
-    files in (``pid``, ``intd``, ``todo``, ``mess/N``) are ``3770``, so any process running as
-    the owner or in the group ``gid`` can inject (that is how smtpd, cron and PHP reach the queue);
-    setgid gives every queued file that group (read access for the manager and the queue tools),
-    and the sticky bit keeps one writer from removing another's files; ``info``, ``local``,
-    ``remote`` and ``bounce`` are ``0700`` (the manager's). ``lock/sendmutex`` is ``0600`` and
-    ``lock/trigger`` a FIFO ``0622``. ``uid``/``gid`` (when given) own everything.
-    """
-    from pathlib import Path
-
-    base = Path(path)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    for rel, mode in _LAYOUT:
-        p = base / rel if rel else base
-        try:
-            p.mkdir(mode=0o700)
-        except FileExistsError:
-            if not p.is_dir():
-                raise UsageError(f"{p}: exists and is not a directory") from None
-        _own(p, mode, uid, gid)
-
-    mutex = base / "lock" / "sendmutex"
-    os.close(os.open(mutex, os.O_WRONLY | os.O_CREAT, 0o600))
-    _own(mutex, 0o600, uid, gid)
-
-    trigger = base / "lock" / "trigger"
-    try:
-        os.mkfifo(trigger, 0o600)
-    except FileExistsError:
-        if not stat.S_ISFIFO(os.lstat(trigger).st_mode):
-            raise UsageError(f"{trigger}: exists and is not a FIFO") from None
-    _own(trigger, 0o622, uid, gid)
-
-    for p in (base / "lock", base / "mess", base, base.parent):
-        _fsync_dir(str(p))
-
-
-def _own(p: os.PathLike[str], mode: int, uid: int | None, gid: int | None) -> None:
-    if uid is not None or gid is not None:
-        os.chown(p, -1 if uid is None else uid, -1 if gid is None else gid, follow_symlinks=False)
-    os.chmod(p, mode)  # after chown, which may clear the sticky/setgid bits
 
 
 __all__ = [

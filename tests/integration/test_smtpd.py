@@ -413,6 +413,32 @@ def test_starttls_then_auth_relays(seed, start, tls, box):
     assert destination(seed["root"], "friend@other.test") == "remote"
 
 
+@pytest.mark.parametrize("scheme", ["sha512_crypt", "md5_crypt", "bcrypt"])
+def test_auth_accepts_imported_crypt_and_bcrypt_hashes(seed, start, tls, box, scheme):
+    """Hashes imported from another system (pqmail passwd --hash) work for SMTP AUTH as for POP3,
+    also once smtpd runs as the mail user, when the interpreter's own files may be unreadable."""
+    import warnings
+
+    import bcrypt
+
+    with warnings.catch_warnings():  # passlib's crypt backend imports the deprecated crypt module
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from passlib import hash as ph
+    stored = (bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode() if scheme == "bcrypt"
+              else getattr(ph, scheme).hash(PASSWORD))
+    run_pqmail("passwd", box, "--hash", stored, "--root", str(seed["root"]))
+    srv = start()
+    with smtplib.SMTP("127.0.0.1", srv.port) as s:
+        s.starttls(context=client_context(tls))
+        s.ehlo("client.test")
+        assert s.login(box, PASSWORD) == (235, b"2.7.0 authentication successful")
+    with smtplib.SMTP("127.0.0.1", srv.port) as s:
+        s.starttls(context=client_context(tls))
+        s.ehlo("client.test")
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            s.login(box, PASSWORD + "!")
+
+
 def test_auth_login_and_failures(seed, start, tls, box):
     srv = start()
     s = smtplib.SMTP("127.0.0.1", srv.port)

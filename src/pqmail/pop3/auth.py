@@ -63,6 +63,7 @@ __all__ = [
     "VerifiedCache",
     "checkpassword_command",
     "holds_gil",
+    "preload",
     "scheme_of",
     "verify_secret",
 ]
@@ -547,3 +548,18 @@ def _collect(pid: int, out: int, deadline: float) -> tuple[int | None, bytes]:
                 return os.waitstatus_to_exitcode(status), got
     finally:
         os.close(pidfd)
+
+
+def preload() -> None:
+    """Import every hash backend now, before a service forks workers or drops privileges.
+
+    After the drop the interpreter's own files may be unreadable (a pyenv under /root), so nothing
+    may load lazily later: passlib's crypt backend, for one, imports the standard library's crypt.
+    Importing this module calls it, so that every service that verifies passwords (pop3d, smtpd's
+    AUTH, odmrd) has the backends whatever it imports first.
+    """
+    for stored in ("$1$x$y", "$5$x$y", "$6$x$y", "$2b$04$" + "a" * 53, "$argon2id$v=19$m=8,t=1,p=1$x$y"):
+        verify_secret(stored, "x")
+
+
+preload()

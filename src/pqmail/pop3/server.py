@@ -59,7 +59,7 @@ from pqmail import aio
 from pqmail.config.control import read_value
 from pqmail.errors import ConfigError, UsageError
 from pqmail.paths import Root
-from pqmail.pop3.auth import Authenticator, AuthResult, FailureTracker, checkpassword_command
+from pqmail.pop3.auth import Authenticator, AuthResult, FailureTracker, checkpassword_command, preload
 from pqmail.pop3.mailbox import Mailbox, MailboxError, MailboxInUse, Opening
 from pqmail.pop3.protocol import (
     NEED_DATA,
@@ -149,17 +149,6 @@ def tls_context(pem: Path) -> ssl.SSLContext:
 
 
 # ----------------------------------------------------------------------------- hashing pool
-
-def preload() -> None:
-    """Import every hash backend now: call it before forking workers or dropping privileges.
-
-    After the drop the interpreter's own files may be unreadable, so nothing may load lazily later.
-    """
-    from pqmail.pop3.auth import verify_secret
-
-    for stored in ("$1$x$y", "$5$x$y", "$6$x$y", "$2b$04$" + "a" * 53, "$argon2id$v=19$m=8,t=1,p=1$x$y"):
-        verify_secret(stored, "x")
-
 
 # ----------------------------------------------------------------------------- one session
 
@@ -747,7 +736,3 @@ def serve_pop3_listeners(root: Root | str | os.PathLike[str], listeners: Iterabl
         drop_privileges(*drop_to)
     aio.run(server.serve(list(listeners), ready))
 
-
-# Importing this module loads every hash backend: `pqmail serve` imports it in the supervisor, then
-# forks workers that drop privileges before they call serve_pop3_listeners.
-preload()

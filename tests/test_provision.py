@@ -466,8 +466,8 @@ def test_dialup_list_shows_waiting_mail_and_last_transfer(seed):
 
 
 def test_box_import_takes_existing_hashes_all_or_nothing(seed, mailtmp):
+    from pqmail.hashes import verify_secret
     from pqmail.passwords import PasswordStore
-    from pqmail.pop3.auth import verify_secret
 
     root = seed["root"]
     store = PasswordStore(root)

@@ -35,8 +35,8 @@ def passwd(box: str, password_file: str | None, random_password: bool, hashed: s
     \b
     Exit status: 0 done; 100 unknown box or bad input; 111 system error.
     """
+    from pqmail.hashes import scheme_of
     from pqmail.passwords import PasswordStore, hash_password
-    from pqmail.pop3.auth import scheme_of
 
     store = PasswordStore(root, *password_store_ids(root))
     current = store.get(box)

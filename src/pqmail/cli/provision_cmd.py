@@ -188,9 +188,9 @@ def box_import(file: str, root: Root) -> None:
     \b
     Exit status: 0 done; 100 bad input; 111 system error.
     """
+    from pqmail.hashes import scheme_of
     from pqmail.maildir import is_maildir
     from pqmail.passwords import PasswordStore
-    from pqmail.pop3.auth import scheme_of
 
     data = read_input(file)
     store = PasswordStore(root, *password_store_ids(root))

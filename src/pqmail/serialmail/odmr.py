@@ -49,16 +49,12 @@ import argon2.exceptions  # noqa: F401  (every import is at the top: the server 
 from pqmail.config.casefold import ascii_lower
 from pqmail.config.control import load_control
 from pqmail.errors import PqmailError
-from pqmail.passwords import PasswordStore, verify_password
+from pqmail.hashes import verify_secret as _verify_hash
+from pqmail.passwords import PasswordStore
 from pqmail.paths import Root
 from pqmail.queue.store import Queue
 from pqmail.serialmail.flush import DirLock, Job, SmtpIO, finish, finish_interrupted, transfer
 from pqmail.serialmail.runner import find_dialups, load_settings
-
-try:  # every scheme POP3 accepts (crypt, bcrypt), when that module is there
-    from pqmail.pop3.auth import verify_secret as _verify_hash
-except ImportError:  # pragma: no cover
-    _verify_hash = verify_password
 
 __all__ = ["Atrn", "Close", "OdmrProtocol", "Reply", "Verify", "check_secret", "serve_odmr_listeners"]
 

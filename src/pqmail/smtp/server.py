@@ -66,9 +66,9 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session, TLSSetupException
 from pqmail import aio
 from pqmail.config.control import control_stamp
 from pqmail.errors import ConfigError, PermanentFailure, PqmailError, TemporaryFailure
+from pqmail.hashes import verify_secret
 from pqmail.passwords import PasswordStore, hash_password, verify_password
 from pqmail.paths import Root
-from pqmail.pop3.auth import verify_secret
 from pqmail.queue.store import Queue
 from pqmail.serialmail.etrn import handle_etrn
 from pqmail.sessioncount import SessionCounter

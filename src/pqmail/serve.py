@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,9 +83,23 @@ def check_config(root: Root, opts: ServeOptions) -> list[str]:
     return problems
 
 
+def queue_warnings(root: Root) -> list[str]:
+    """How queue/ differs from what pqmail init makes (modes, owner, missing directories): mail may
+    be refused (451) or stay queued, so serve says so at start, and --check counts them."""
+    if not root.queue.is_dir():
+        return []  # check_config reports it
+    from pqmail.queue.layout import layout_problems
+
+    found = [f"{path}: {text}" for path, text in layout_problems(root.queue)]
+    if found:
+        found.append(f"{root.queue}: `pqmail queue fix` restores the layout, modes and owner")
+    return found
+
+
 def run_serve(root: Root, opts: ServeOptions, check_only: bool = False) -> int:
     problems = check_config(root, opts)
     if check_only:
+        problems += queue_warnings(root)
         for p in problems:
             print(p)
         if not problems:
@@ -92,6 +107,8 @@ def run_serve(root: Root, opts: ServeOptions, check_only: bool = False) -> int:
         return 100 if problems else 0
     if problems:
         raise UsageError("; ".join(problems))
+    for w in queue_warnings(root):
+        print(f"pqmail serve: warning: {w}", file=sys.stderr, flush=True)
     if not root.control_file("servercert.pem").exists():
         # no certificate: no implicit-TLS listener unless asked for explicitly
         if not opts.explicit_smtps:

@@ -369,6 +369,24 @@ def test_check_accepts_the_seed_and_names_a_missing_rcpthosts(seed):
     assert len(lines) == 1 and "control/rcpthosts: missing" in lines[0], lines
 
 
+def test_check_and_start_name_a_damaged_queue(seed, mailtmp):
+    todo = seed["root"] / "queue" / "todo"
+    todo.chmod(0o700)
+    args = ("serve", "--check", "--root", str(seed["root"]), "--smtp", "127.0.0.1:1", "--no-pop3",
+            "--no-odmr")
+    p = run_pqmail(*args, check=False)
+    assert p.returncode == 100
+    assert f"{todo}: mode 0700, should be 3770" in p.stdout.decode()
+    assert "`pqmail queue fix` restores" in p.stdout.decode()
+    srv = Serve(seed["root"], mailtmp / "serve-damaged.log")  # it still starts, and says why mail may fail
+    try:
+        assert f"pqmail serve: warning: {todo}: mode 0700, should be 3770" in srv.log()
+    finally:
+        assert srv.stop() == 0
+    run_pqmail("queue", "fix", "--root", str(seed["root"]))
+    assert run_pqmail(*args).returncode == 0
+
+
 # ----------------------------------------------------------------------------- make run
 
 def test_demo_setup_builds_the_seed_tree(mailtmp):

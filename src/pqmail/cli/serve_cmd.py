@@ -42,7 +42,9 @@ def _defaults(root_user: bool) -> dict[str, list[str]]:
               help="smtpd worker processes. Default: one per CPU core.")
 @click.option("--pidfile", type=click.Path(dir_okay=False), default=None,
               help="Where to write the supervisor's pid. Default: ROOT/serve.pid.")
-@click.option("--check", is_flag=True, help="Validate the configuration and exit (0 when usable).")
+@click.option("--check", is_flag=True,
+              help="Validate the configuration and the queue's layout, modes and owner, and exit "
+                   "(0 when usable).")
 def serve(root, smtp, submission, smtps, pop3, pop3s, odmr, no_smtp, no_pop3, no_odmr, no_serialmail,
           workers, pidfile, check) -> None:
     """Run pqmail: SMTP listeners, the queue manager, and their supervisor.

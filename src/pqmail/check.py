@@ -34,7 +34,7 @@ from pqmail.errors import ConfigError
 from pqmail.maildir import is_maildir
 from pqmail.paths import Root
 from pqmail.provision import assign_lookup
-from pqmail.queue.layout import layout_problems
+from pqmail.queue.layout import layout_report
 from pqmail.routing import dotqmail_candidates
 
 UNSAFE_BITS = 0o022  # pqmail's conf-patrn: group- or world-writable
@@ -130,11 +130,8 @@ class _Checker:
         if not queue.exists():
             self.add(str(queue), "missing: nothing can be queued (pqmail init creates it)")
             return
-        found = layout_problems(queue)
-        for where, text in found:
+        for where, text in layout_report(queue):
             self.add(where, text)
-        if found:
-            self.add(str(queue), "`pqmail queue fix` restores the layout, modes and owner")
         self._mailuser_writes_queue(queue)
 
     def _mailuser_writes_queue(self, queue: Path) -> None:

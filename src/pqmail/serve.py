@@ -88,12 +88,9 @@ def queue_warnings(root: Root) -> list[str]:
     be refused (451) or stay queued, so serve says so at start, and --check counts them."""
     if not root.queue.is_dir():
         return []  # check_config reports it
-    from pqmail.queue.layout import layout_problems
+    from pqmail.queue.layout import layout_report
 
-    found = [f"{path}: {text}" for path, text in layout_problems(root.queue)]
-    if found:
-        found.append(f"{root.queue}: `pqmail queue fix` restores the layout, modes and owner")
-    return found
+    return [f"{path}: {text}" for path, text in layout_report(root.queue)]
 
 
 def run_serve(root: Root, opts: ServeOptions, check_only: bool = False) -> int:

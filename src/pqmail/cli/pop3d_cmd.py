@@ -69,7 +69,7 @@ def pop3d(root, listen: tuple[str, ...], pop3s: tuple[str, ...], workers: int | 
     Exit status: 0 after a clean stop; 100 for a usage or configuration
     error; 111 for a system error.
     """
-    from pqmail.pop3.server import preload, serve_pop3_listeners
+    from pqmail.pop3.server import serve_pop3_listeners  # loads every hash backend (pqmail.hashes)
     from pqmail.sessioncount import SessionCounter
     from pqmail.supervisor import Supervisor, bind_listener, mail_user_ids, parse_hostport, worker_services
 
@@ -91,7 +91,6 @@ def pop3d(root, listen: tuple[str, ...], pop3s: tuple[str, ...], workers: int | 
     if n == 1:
         serve_pop3_listeners(root, listeners, ready=ready, drop_to=drop)
         return
-    preload()  # before forking: the workers may not be able to read the interpreter's files later
     ready()
 
     def worker(counts: SessionCounter) -> None:  # drops privileges itself, after reading the TLS key

@@ -46,7 +46,7 @@ from pqmail.config.assign import UsersDB
 from pqmail.config.casefold import ascii_lower
 from pqmail.config.control import read_lines, read_value
 from pqmail.errors import ConfigError
-from pqmail.hashes import holds_gil, preload, scheme_of, verify_apop, verify_secret
+from pqmail.hashes import holds_gil, scheme_of, verify_apop, verify_secret
 from pqmail.local.dotqmail import Blank, Comment, Maildir, parse
 from pqmail.passwords import PasswordStore
 from pqmail.paths import Root
@@ -60,7 +60,6 @@ __all__ = [
     "VerifiedCache",
     "checkpassword_command",
     "holds_gil",
-    "preload",
     "scheme_of",
     "verify_secret",
 ]

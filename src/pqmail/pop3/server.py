@@ -59,7 +59,7 @@ from pqmail import aio
 from pqmail.config.control import read_value
 from pqmail.errors import ConfigError, UsageError
 from pqmail.paths import Root
-from pqmail.pop3.auth import Authenticator, AuthResult, FailureTracker, checkpassword_command, preload
+from pqmail.pop3.auth import Authenticator, AuthResult, FailureTracker, checkpassword_command
 from pqmail.pop3.mailbox import Mailbox, MailboxError, MailboxInUse, Opening
 from pqmail.pop3.protocol import (
     NEED_DATA,
@@ -77,7 +77,7 @@ from pqmail.supervisor import drop_privileges
 
 _Decided = tuple[AuthResult, Mailbox | MailboxError | Opening | None]  # what login_now decided
 
-__all__ = ["Pop3Server", "Pop3Settings", "load_settings", "preload", "serve_pop3_listeners"]
+__all__ = ["Pop3Server", "Pop3Settings", "load_settings", "serve_pop3_listeners"]
 
 STOP_GRACE = 30.0
 CLOSE_LINGER = 10.0  # seconds a closed session's last bytes may wait for a client that does not read
@@ -147,8 +147,6 @@ def tls_context(pem: Path) -> ssl.SSLContext:
         raise ConfigError(str(pem), f"unusable certificate/key: {e}") from None
     return ctx
 
-
-# ----------------------------------------------------------------------------- hashing pool
 
 # ----------------------------------------------------------------------------- one session
 
@@ -730,7 +728,6 @@ def serve_pop3_listeners(root: Root | str | os.PathLike[str], listeners: Iterabl
     root = root if isinstance(root, Root) else Root(root)
     if os.geteuid() == 0 and drop_to is None:
         raise UsageError("pop3d refuses to run as root: drop to control/mailuser first")
-    preload()  # every hash backend imported while the interpreter's files are still readable
     server = Pop3Server(root, load_settings(root), log=log, counts=counts)  # reads the key file
     if drop_to is not None:
         drop_privileges(*drop_to)

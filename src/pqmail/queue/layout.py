@@ -131,6 +131,14 @@ def layout_problems(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
     return problems
 
 
+def layout_report(path: str | os.PathLike[str]) -> list[tuple[str, str]]:
+    """:func:`layout_problems`, followed (when there are any) by the command that repairs them."""
+    found = layout_problems(path)
+    if found:
+        found.append((os.fspath(path), "`pqmail queue fix` restores the layout, modes and owner"))
+    return found
+
+
 def _pool_problems(pool: str, owner: tuple[int, int]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     try:

@@ -49,7 +49,7 @@ import argon2.exceptions  # noqa: F401  (every import is at the top: the server 
 from pqmail.config.casefold import ascii_lower
 from pqmail.config.control import load_control
 from pqmail.errors import PqmailError
-from pqmail.hashes import verify_secret as _verify_hash
+from pqmail.hashes import plain_secret, verify_secret
 from pqmail.passwords import PasswordStore
 from pqmail.paths import Root
 from pqmail.queue.store import Queue
@@ -66,7 +66,6 @@ BOGUS_LIMIT = 20  # unknown or misplaced commands before 421
 IDLE_TIMEOUT = 300.0
 MAX_SESSIONS = 100
 STOP_GRACE = 45.0
-_PLAIN_PREFIXES = ("{PLAIN}", "{CLEARTEXT}")
 
 
 # ----------------------------------------------------------------------------- events
@@ -280,28 +279,15 @@ class OdmrProtocol:
 
 # ----------------------------------------------------------------------------- credentials
 
-def _plain_secret(stored: str) -> str | None:
-    for head in _PLAIN_PREFIXES:
-        if stored[:len(head)].upper() == head:
-            return stored[len(head):]
-    return None
-
-
 def check_secret(stored: str, v: Verify) -> bool:
     """Whether ``v`` proves knowledge of the secret ``stored`` (a ``{PLAIN}`` secret or a hash)."""
-    plain = _plain_secret(stored)
     if v.mechanism == "CRAM-MD5":
+        plain = plain_secret(stored)
         if plain is None:
             return False  # CRAM-MD5 needs the secret itself
         expect = hmac.new(plain.encode("utf-8", "surrogateescape"), v.challenge, hashlib.md5).hexdigest()
         return hmac.compare_digest(expect, v.secret.strip().lower())
-    if plain is not None:
-        return hmac.compare_digest(plain.encode("utf-8", "surrogateescape"),
-                                   v.secret.encode("utf-8", "surrogateescape"))
-    try:
-        return bool(_verify_hash(stored, v.secret))
-    except Exception:  # a malformed stored hash costs a failed login, never the session
-        return False
+    return verify_secret(stored, v.secret)  # {PLAIN} or any hash; False for a malformed one
 
 
 def _lookup_and_check(root: Root, v: Verify) -> str | None:
